@@ -1,0 +1,232 @@
+"""The fast chunked memory against the token-by-token autograd reference, and its contracts."""
+
+import pickle
+
+import pytest
+import torch
+
+from titans_ts import MemoryState, NeuralMemory
+
+DIM, HEADS, BATCH, LENGTH = 16, 2, 2, 21  # LENGTH is a multiple of no chunk size below
+
+
+def make_memory(depth=2, chunk_size=8, dtype=torch.float64, seed=0, max_grad_norm=None, **kwargs):
+    torch.manual_seed(seed)
+    memory = NeuralMemory(
+        DIM, heads=HEADS, depth=depth, chunk_size=chunk_size, max_grad_norm=max_grad_norm, **kwargs
+    ).to(dtype)
+    # Random gate biases so momentum and forgetting really vary from token to token.
+    with torch.no_grad():
+        memory.to_gates.bias.normal_(0.0, 1.5)
+    return memory
+
+
+def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+def state_tensors(state: MemoryState):
+    return [*state.weights, *state.momentum, *state.chunk_start, state.conv_cache]
+
+
+def assert_states_close(fast: MemoryState, ref: MemoryState, tol: float):
+    assert fast.position == ref.position
+    for a, b in zip(state_tensors(fast), state_tensors(ref), strict=True):
+        assert a.shape == b.shape
+        assert relative_error(a, b) <= tol
+
+
+@pytest.mark.parametrize("dtype, tol", [(torch.float64, 1e-10), (torch.float32, 1e-4)])
+@pytest.mark.parametrize("depth", [1, 2, 3])
+@pytest.mark.parametrize("chunk_size", [1, 3, 8, 64])
+@pytest.mark.parametrize("carry_state", [False, True])
+def test_fast_matches_reference(dtype, tol, depth, chunk_size, carry_state):
+    memory = make_memory(depth, chunk_size, dtype)
+    x = torch.randn(BATCH, LENGTH, DIM, dtype=dtype)
+    state = None
+    with torch.no_grad():
+        if carry_state:  # a state that ends mid-chunk, with nonzero momentum
+            _, state = memory.reference(torch.randn(BATCH, 5, DIM, dtype=dtype))
+        y_fast, s_fast = memory(x, state)
+        y_ref, s_ref = memory.reference(x, state)
+    assert relative_error(y_fast, y_ref) <= tol
+    assert_states_close(s_fast, s_ref, tol)
+
+
+@pytest.mark.parametrize("depth, chunk_size, max_grad_norm", [(1, 3, None), (2, 8, None), (3, 4, None), (2, 5, 0.05)])
+def test_gradients_match_reference(depth, chunk_size, max_grad_norm):
+    memory = make_memory(depth, chunk_size, max_grad_norm=max_grad_norm)
+    x = torch.randn(BATCH, LENGTH, DIM, dtype=torch.float64)
+    weights = torch.randn(BATCH, LENGTH, DIM, dtype=torch.float64)
+    grads = []
+    for run in (memory.forward, memory.reference):
+        memory.zero_grad()
+        y, state = run(x)
+        # the loss reaches the final memory weights too, so their gradient paths are checked
+        loss = (y * weights).sum() + sum(w.sum() for w in state.weights)
+        loss.backward()
+        grads.append({name: p.grad.clone() for name, p in memory.named_parameters()})
+    fast, ref = grads
+    assert fast.keys() == {name for name, _ in memory.named_parameters()}
+    for name in ref:
+        assert relative_error(fast[name], ref[name]) <= 1e-10, name
+
+
+def test_grad_norm_bound_is_active_and_exact():
+    memory = make_memory(2, 4, max_grad_norm=1e-3)
+    free = make_memory(2, 4)
+    x = torch.randn(BATCH, LENGTH, DIM, dtype=torch.float64)
+    with torch.no_grad():
+        y_fast, _ = memory(x)
+        y_ref, _ = memory.reference(x)
+        y_free, _ = free(x)
+    assert relative_error(y_fast, y_ref) <= 1e-10
+    assert relative_error(y_fast, y_free) > 1e-3  # the bound changed the writes
+
+
+def test_chunk_size_one_is_the_papers_per_token_rule():
+    """Depth 1 (matrix memory), written out by hand: no autograd, no chunks."""
+    memory = make_memory(depth=1, chunk_size=1)
+    x = torch.randn(1, LENGTH, DIM, dtype=torch.float64)
+    with torch.no_grad():
+        y, _ = memory(x)
+        qkv = torch.nn.functional.silu(memory.to_qkv(x))
+        qkv = torch.nn.functional.pad(qkv.transpose(1, 2), (memory.conv_kernel - 1, 0))
+        q, k, v = memory.conv(qkv).transpose(1, 2)[0].view(LENGTH, 3, HEADS, DIM // HEADS).unbind(1)
+        q, k = torch.nn.functional.normalize(q, dim=-1), torch.nn.functional.normalize(k, dim=-1)
+        theta_logit, eta_logit, alpha_logit = memory.to_gates(x)[0].view(LENGTH, 3, HEADS).unbind(1)
+        theta = memory.max_lr * torch.sigmoid(theta_logit)
+        eta, alpha = torch.sigmoid(eta_logit), torch.sigmoid(alpha_logit)
+        expected = torch.empty(LENGTH, HEADS, DIM // HEADS, dtype=torch.float64)
+        for h in range(HEADS):
+            M = memory.initial_weights[0][h].clone()  # y = x @ M
+            S = torch.zeros_like(M)
+            for t in range(LENGTH):
+                grad = torch.outer(k[t, h], 2 * (k[t, h] @ M - v[t, h]))  # d/dM ||k M - v||^2
+                S = eta[t, h] * S - theta[t, h] * grad
+                M = (1 - alpha[t, h]) * M + S
+                expected[t, h] = q[t, h] @ M
+        expected = memory.to_out(expected.reshape(1, LENGTH, DIM))
+    assert relative_error(y, expected) <= 1e-10
+
+
+@pytest.mark.parametrize("chunk_size", [1, 4, 16])
+@pytest.mark.parametrize("cuts", [[7], [1, 2, 3], [5, 11, 12, 20]])
+def test_stream_in_pieces_equals_whole(chunk_size, cuts):
+    memory = make_memory(2, chunk_size)
+    x = torch.randn(BATCH, LENGTH, DIM, dtype=torch.float64)
+    with torch.no_grad():
+        y_whole, s_whole = memory(x)
+        pieces, state = [], None
+        for lo, hi in zip([0, *cuts], [*cuts, LENGTH]):
+            y, state = memory(x[:, lo:hi], state)
+            pieces.append(y)
+    assert relative_error(torch.cat(pieces, dim=1), y_whole) <= 1e-10
+    assert_states_close(state, s_whole, 1e-10)
+
+
+def test_sequence_shorter_than_a_chunk_updates_the_memory():
+    memory = make_memory(2, chunk_size=16)
+    x = torch.randn(BATCH, 3, DIM, dtype=torch.float64)
+    initial = memory.initial_state(BATCH, dtype=torch.float64)
+    with torch.no_grad():
+        _, state = memory(x)
+        probe = torch.randn(BATCH, 4, DIM, dtype=torch.float64)
+        y_after, _ = memory(probe, state)
+        y_fresh, _ = memory(probe)
+    assert state.position == 3
+    for before, after in zip(initial.weights, state.weights):
+        assert (after - before).abs().max() > 1e-6
+    assert relative_error(y_after, y_fresh) > 1e-6
+
+
+def test_causal():
+    memory = make_memory(3, chunk_size=8)
+    x = torch.randn(BATCH, LENGTH, DIM, dtype=torch.float64)
+    changed = x.clone()
+    changed[:, 10] += 5.0
+    with torch.no_grad():
+        y, _ = memory(x)
+        y_changed, _ = memory(changed)
+    assert torch.equal(y[:, :10], y_changed[:, :10])
+    assert (y[:, 10:] - y_changed[:, 10:]).abs().amax(dim=(0, 2)).min() > 0
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [dict(), dict(max_grad_norm=None, max_lr=0.02), dict(depth=3, max_grad_norm=0.5)],
+    ids=["defaults", "unbounded-small-lr", "depth3-tight-bound"],
+)
+def test_stable_over_a_long_random_stream(settings):
+    torch.manual_seed(1)
+    memory = NeuralMemory(32, **{"heads": 4, "depth": 2, "chunk_size": 32, **settings})
+    x = torch.randn(1, 20_000, 32) * 3
+    with torch.no_grad():
+        y, state = memory(x)
+    assert torch.isfinite(y).all()
+    assert all(torch.isfinite(w).all() for w in (*state.weights, *state.momentum))
+
+
+def test_bf16_autocast_runs():
+    torch.manual_seed(0)
+    memory = NeuralMemory(32, heads=4, depth=2, chunk_size=8)
+    x = torch.randn(2, 40, 32)
+    y32, _ = memory(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y16, _ = memory(x)
+    y16.float().sum().backward()
+    assert torch.isfinite(y16).all()
+    assert all(torch.isfinite(p.grad).all() for p in memory.parameters())
+    assert relative_error(y16.float(), y32) < 0.1
+
+
+def test_nothing_assumes_cpu():
+    """On the meta device, any tensor made on the CPU by mistake would raise a device mismatch."""
+    memory = NeuralMemory(DIM, heads=HEADS, depth=3, chunk_size=4).to("meta")
+    y, state = memory(torch.empty(BATCH, LENGTH, DIM, device="meta"))
+    assert y.device.type == "meta" and all(w.device.type == "meta" for w in state_tensors(state))
+
+
+def test_torch_compile_matches_eager():
+    memory = make_memory(2, chunk_size=8, dtype=torch.float32)
+    x = torch.randn(BATCH, 12, DIM)  # a full chunk and a partial one, to keep compile time short
+    compiled = torch.compile(memory)
+    with torch.no_grad():
+        y_eager, _ = memory(x)
+        y_compiled, _ = compiled(x)
+    assert relative_error(y_compiled, y_eager) <= 1e-5
+
+
+def test_pickle_round_trip():
+    memory = make_memory(2, chunk_size=4)
+    x = torch.randn(BATCH, LENGTH, DIM, dtype=torch.float64)
+    clone = pickle.loads(pickle.dumps(memory))
+    with torch.no_grad():
+        y, state = memory(x)
+        y_clone, _ = clone(x)
+    assert torch.equal(y, y_clone)
+    restored = pickle.loads(pickle.dumps(state))
+    assert restored.position == state.position
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(dim=10, heads=4), "multiple of heads"),
+        (dict(dim=0), "dim must be positive"),
+        (dict(dim=8, depth=0), "depth must be >= 1"),
+        (dict(dim=8, chunk_size=0), "chunk_size must be >= 1"),
+        (dict(dim=8, max_lr=-1.0), "max_lr must be positive"),
+        (dict(dim=8, conv_kernel=0), "conv_kernel must be >= 1"),
+        (dict(dim=8, max_grad_norm=0.0), "max_grad_norm must be positive"),
+    ],
+)
+def test_bad_arguments_are_named(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        NeuralMemory(**kwargs)
+
+
+def test_bad_input_shape_is_named():
+    memory = NeuralMemory(8, heads=2)
+    with pytest.raises(ValueError, match=r"expects x of shape \[batch, T, 8\]"):
+        memory(torch.randn(2, 5, 7))

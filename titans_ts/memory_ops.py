@@ -1,0 +1,226 @@
+"""The memory update of Titans, as two functions with one contract.
+
+Per head, the memory M is an MLP with weights W = (W_1, ..., W_L), W_l of shape [in, out],
+computing z_l = h_{l-1} @ W_l, h_l = silu(z_l) (no activation after the last layer), h_0 = input.
+Reading a stream of keys k_t, values v_t and queries q_t, with per-token gates
+theta_t (inner learning rate), eta_t (momentum) and alpha_t (forgetting):
+
+    G_t = grad_W || M_{W'}(k_t) - v_t ||^2      W' = the weights at the start of t's chunk
+    S_t = eta_t * S_{t-1} - theta_t * G_t        (surprise, with momentum)
+    W_t = (1 - alpha_t) * W_{t-1} + S_t          (forgetting)
+    y_t = M_{W_t}(q_t)                           (token t reads the weights after its own write)
+
+With chunk size 1, W' = W_{t-1}: the paper's per-token rule. With chunk size b, the gradients
+of a chunk's tokens are all taken at the chunk-start weights (as in the paper's parallel
+training), but every token still reads its own W_t, never the stale chunk-start weights.
+
+- `naive_memory_update`: a token-by-token loop straight from the equations, gradients by
+  torch.autograd. Obviously correct, slow: the reference.
+- `chunked_memory_update`: the fast form. Per chunk, the per-token gradients come in closed form
+  as outer products u_i (x) e_i (layer input times back-propagated error), momentum and forgetting
+  are unrolled into a lower-triangular coefficient matrix C (from cumulative log-gates, so no
+  ratio of tiny products is ever formed), and each token's read of W_t uses the dual form
+
+    h @ W_{l,t} = a_t (h @ W_l) + c_t (h @ S_l) - sum_{i<=t} C[t, i] (h . u_i) e_i
+
+  i.e. batched matrix products only.
+
+Both take q, k, v of shape [N, T, d] (N = batch * heads), gates of shape [N, T], and a
+`MemoryCarry`; both return (y [N, T, d], MemoryCarry). Tests hold them together.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+class MemoryCarry(NamedTuple):
+    """The recurrent state of the memory over N = batch * heads independent memories.
+
+    weights:     W_t, the memory MLP after the last token read; per layer [N, in, out].
+    momentum:    S_t, the surprise momentum; per layer [N, in, out].
+    chunk_start: the weights at the start of the open chunk, where its gradients are taken.
+    position:    tokens already read into the open chunk (0: the next token starts a chunk).
+    """
+
+    weights: tuple[Tensor, ...]
+    momentum: tuple[Tensor, ...]
+    chunk_start: tuple[Tensor, ...]
+    position: int
+
+
+def _silu_derivative(z: Tensor) -> Tensor:
+    s = torch.sigmoid(z)
+    return s * (1 + z * (1 - s))
+
+
+def mlp_forward(weights: Sequence[Tensor], h: Tensor) -> Tensor:
+    """Apply the memory MLP: batched weights [N, in, out] to inputs [N, T, in]."""
+    last = len(weights) - 1
+    for layer, w in enumerate(weights):
+        h = h @ w
+        if layer < last:
+            h = F.silu(h)
+    return h
+
+
+def grad_norm_scale(sq_norm: Tensor, max_norm: float) -> Tensor:
+    """Factor that bounds a gradient of squared norm `sq_norm` to `max_norm` (<= 1)."""
+    # clamp_min keeps sqrt differentiable at a zero gradient
+    return (max_norm / sq_norm.clamp_min(1e-24).sqrt()).clamp(max=1.0)
+
+
+def naive_memory_update(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    theta: Tensor,
+    log_eta: Tensor,
+    log_keep: Tensor,
+    carry: MemoryCarry,
+    chunk_size: int,
+    max_grad_norm: float | None = None,
+) -> tuple[Tensor, MemoryCarry]:
+    """Reference: one token at a time, inner gradients by autograd.
+
+    `log_eta` = log(eta_t) and `log_keep` = log(1 - alpha_t), both [N, T].
+    """
+    create_graph = torch.is_grad_enabled()  # keep outer-parameter gradients when training
+    weights, momentum, chunk_start = list(carry.weights), list(carry.momentum), list(carry.chunk_start)
+    position = carry.position
+    outputs = []
+    with torch.enable_grad():
+        for t in range(q.shape[1]):
+            if position == 0:
+                chunk_start = weights
+            # differentiate at the chunk-start weights; a fresh leaf where no outer graph is kept
+            at = [w if create_graph and w.requires_grad else w.detach().requires_grad_() for w in chunk_start]
+            k_t, v_t, q_t = k[:, t : t + 1], v[:, t : t + 1], q[:, t : t + 1]
+            loss = (mlp_forward(at, k_t) - v_t).pow(2).sum()
+            grads = torch.autograd.grad(loss, at, create_graph=create_graph)
+            lr = theta[:, t]
+            if max_grad_norm is not None:
+                sq_norm = sum(g.pow(2).sum(dim=(-2, -1)) for g in grads)
+                lr = lr * grad_norm_scale(sq_norm, max_norm=max_grad_norm)
+            eta, keep = log_eta[:, t].exp(), log_keep[:, t].exp()
+            momentum = [eta[:, None, None] * s - lr[:, None, None] * g for s, g in zip(momentum, grads)]
+            weights = [keep[:, None, None] * w + s for w, s in zip(weights, momentum)]
+            outputs.append(mlp_forward(weights, q_t))
+            position = (position + 1) % chunk_size
+    if position == 0:
+        chunk_start = weights
+    y = torch.cat(outputs, dim=1) if outputs else q.new_zeros(q.shape)
+    return y, MemoryCarry(tuple(weights), tuple(momentum), tuple(chunk_start), position)
+
+
+def _chunk_step(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    theta: Tensor,
+    log_eta: Tensor,
+    log_keep: Tensor,
+    weights: Sequence[Tensor],
+    momentum: Sequence[Tensor],
+    grad_weights: Sequence[Tensor],
+    max_grad_norm: float | None,
+) -> tuple[Tensor, list[Tensor], list[Tensor]]:
+    """Read and write one chunk of c tokens. Shapes: q, k, v [N, c, d]; gates [N, c].
+
+    `weights`/`momentum` are W, S just before the chunk; `grad_weights` are where the chunk's
+    gradients are taken (the same as `weights` unless the chunk was opened by an earlier call).
+    """
+    depth = len(weights)
+    # Keys through the memory at the gradient point: layer inputs u_l and pre-activations z_l.
+    inputs, pre = [], []
+    h = k
+    for layer, w in enumerate(grad_weights):
+        inputs.append(h)
+        z = h @ w
+        pre.append(z)
+        h = F.silu(z) if layer < depth - 1 else z
+    # Closed-form backward of ||M(k) - v||^2: errors e_l = dLoss/dz_l, per token.
+    err = 2 * (h - v)
+    errors = [err] * depth
+    for layer in range(depth - 1, 0, -1):
+        err = (err @ grad_weights[layer].mT) * _silu_derivative(pre[layer - 1])
+        errors[layer - 1] = err
+    if max_grad_norm is not None:
+        # ||u (x) e||_F = ||u|| ||e||: the per-token gradient norm without forming it
+        sq_norm = sum(u.pow(2).sum(-1) * e.pow(2).sum(-1) for u, e in zip(inputs, errors))
+        theta = theta * grad_norm_scale(sq_norm, max_norm=max_grad_norm)
+
+    # Momentum and forgetting unrolled: W_t = a_t W + c_t S - sum_i C[t, i] G_i.
+    c = q.shape[1]
+    causal = torch.ones(c, c, dtype=torch.bool, device=q.device).tril()
+    cum_keep, cum_eta = log_keep.cumsum(-1), log_eta.cumsum(-1)
+    # decay[t, s] = prod_{s<j<=t} (1 - alpha_j); carry[s, i] = prod_{i<j<=s} eta_j; both 0 above the diagonal.
+    decay = (cum_keep[:, :, None] - cum_keep[:, None, :]).masked_fill(~causal, float("-inf")).exp()
+    carry = (cum_eta[:, :, None] - cum_eta[:, None, :]).masked_fill(~causal, float("-inf")).exp()
+    coef = (decay @ carry) * theta[:, None, :]  # C[t, i]: weight of G_i in W_t
+    keep_w = cum_keep.exp()  # a_t: weight of W in W_t
+    keep_s = (decay @ cum_eta.exp()[:, :, None]).squeeze(-1)  # c_t: weight of S in W_t
+
+    # Queries through each token's own weights W_t (dual form).
+    h = q
+    for layer in range(depth):
+        u, e = inputs[layer], errors[layer]
+        z = (
+            keep_w[:, :, None] * (h @ weights[layer])
+            + keep_s[:, :, None] * (h @ momentum[layer])
+            - (coef * (h @ u.mT)) @ e
+        )
+        h = F.silu(z) if layer < depth - 1 else z
+
+    # State after the chunk's last token.
+    w_coef = coef[:, -1, :, None]
+    s_coef = (carry[:, -1, :] * theta)[:, :, None]
+    new_weights, new_momentum = [], []
+    for layer in range(depth):
+        u, e = inputs[layer], errors[layer]
+        new_momentum.append(cum_eta[:, -1, None, None].exp() * momentum[layer] - u.mT @ (s_coef * e))
+        new_weights.append(
+            keep_w[:, -1, None, None] * weights[layer]
+            + keep_s[:, -1, None, None] * momentum[layer]
+            - u.mT @ (w_coef * e)
+        )
+    return h, new_weights, new_momentum
+
+
+def chunked_memory_update(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    theta: Tensor,
+    log_eta: Tensor,
+    log_keep: Tensor,
+    carry: MemoryCarry,
+    chunk_size: int,
+    max_grad_norm: float | None = None,
+) -> tuple[Tensor, MemoryCarry]:
+    """Fast form of `naive_memory_update`: same arguments, same results."""
+    length = q.shape[1]
+    weights, momentum, chunk_start = list(carry.weights), list(carry.momentum), list(carry.chunk_start)
+    position = carry.position
+    outputs = []
+    start = 0
+    while start < length:
+        if position == 0:
+            chunk_start = weights
+        end = min(start + chunk_size - position, length)
+        part = slice(start, end)
+        y, weights, momentum = _chunk_step(
+            q[:, part], k[:, part], v[:, part], theta[:, part], log_eta[:, part], log_keep[:, part],
+            weights, momentum, chunk_start, max_grad_norm,
+        )
+        outputs.append(y)
+        position = (position + end - start) % chunk_size
+        start = end
+    if position == 0:
+        chunk_start = weights
+    y = torch.cat(outputs, dim=1) if outputs else q.new_zeros(q.shape)
+    return y, MemoryCarry(tuple(weights), tuple(momentum), tuple(chunk_start), position)
