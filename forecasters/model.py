@@ -1,0 +1,125 @@
+"""TitansForecastModel: a window [batch, L, channels] -> a forecast [batch, H, channels] (plain nn.Module).
+
+Designed for series: reversible instance normalisation (RevIN), channel independence by default
+(each channel its own token sequence, weights shared) or channel mixing, patch tokens (patch_len,
+patch_stride; patch_len=1 gives point tokens), a Titans backbone, and a linear head to H steps
+(times the number of quantiles when a quantile loss is used).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from titans_ts.backbone import TitansBackbone, Variant
+from titans_ts.memory import MemoryState
+
+
+class RevIN(nn.Module):
+    """Reversible instance normalisation (Kim et al. 2022): per window and channel."""
+
+    def __init__(self, n_channels: int, affine: bool = True, eps: float = 1e-5) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(n_channels)) if affine else None
+        self.bias = nn.Parameter(torch.zeros(n_channels)) if affine else None
+
+    def normalize(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        mean = x.mean(dim=1, keepdim=True).detach()
+        std = (x.var(dim=1, keepdim=True, unbiased=False) + self.eps).sqrt().detach()
+        x = (x - mean) / std
+        if self.weight is not None:
+            x = x * self.weight + self.bias
+        return x, mean, std
+
+    def denormalize(self, y: Tensor, mean: Tensor, std: Tensor, channels: slice) -> Tensor:
+        """y [batch, H, c, outputs] for the channels `channels` of the normalised input."""
+        if self.weight is not None:
+            y = (y - self.bias[channels, None]) / (self.weight[channels, None] + self.eps * self.eps)
+        return y * std[:, :, channels, None] + mean[:, :, channels, None]
+
+
+class TitansForecastModel(nn.Module):
+    def __init__(
+        self,
+        n_channels: int,
+        lookback: int,
+        horizon: int,
+        n_targets: int | None = None,
+        variant: Variant = "mac",
+        dim: int = 64,
+        n_layers: int = 2,
+        heads: int = 4,
+        memory_depth: int = 2,
+        chunk_size: int = 16,
+        max_lr: float = 0.1,
+        max_grad_norm: float | None = 1.0,
+        window: int = 32,
+        segment_len: int = 32,
+        n_persistent: int = 4,
+        ff_mult: float = 2.0,
+        dropout: float = 0.1,
+        patch_len: int = 16,
+        patch_stride: int = 8,
+        channel_independent: bool = True,
+        revin: bool = True,
+        n_outputs: int = 1,
+    ) -> None:
+        super().__init__()
+        n_targets = n_channels if n_targets is None else n_targets
+        for name, value in dict(n_channels=n_channels, lookback=lookback, horizon=horizon, n_targets=n_targets,
+                                patch_len=patch_len, patch_stride=patch_stride, n_outputs=n_outputs).items():
+            if value < 1:
+                raise ValueError(f"{name} must be >= 1, got {value}")
+        if n_targets > n_channels:
+            raise ValueError(f"n_targets ({n_targets}) cannot exceed n_channels ({n_channels})")
+        if patch_len > lookback:
+            raise ValueError(f"patch_len ({patch_len}) must not exceed lookback ({lookback}); use a shorter patch")
+        self.n_channels, self.lookback, self.horizon, self.n_targets = n_channels, lookback, horizon, n_targets
+        self.patch_len, self.patch_stride = patch_len, patch_stride
+        self.channel_independent, self.n_outputs = channel_independent, n_outputs
+        # PatchTST-style: pad the end by one stride so the last observations open a patch of their own
+        pad = patch_stride if patch_len > 1 else 0
+        self.pad = nn.ReplicationPad1d((0, pad)) if pad else nn.Identity()
+        self.n_tokens = (lookback + pad - patch_len) // patch_stride + 1
+
+        self.revin = RevIN(n_channels) if revin else None
+        token_width = patch_len if channel_independent else patch_len * n_channels
+        head_channels = 1 if channel_independent else n_channels
+        self.embed = nn.Linear(token_width, dim)
+        self.position = nn.Parameter(torch.randn(self.n_tokens, dim) * 0.02)
+        self.backbone = TitansBackbone(
+            variant, dim=dim, n_layers=n_layers, heads=heads, memory_depth=memory_depth, chunk_size=chunk_size,
+            max_lr=max_lr, max_grad_norm=max_grad_norm, window=window, segment_len=segment_len,
+            n_persistent=n_persistent, ff_mult=ff_mult, dropout=dropout,
+        )
+        self.head = nn.Sequential(nn.Flatten(-2), nn.Dropout(dropout),
+                                  nn.Linear(self.n_tokens * dim, horizon * head_channels * n_outputs))
+
+    def forward(self, x: Tensor, states: list[MemoryState] | None = None) -> tuple[Tensor, list[MemoryState]]:
+        """x [batch, L, n_channels] -> (forecast [batch, H, n_targets] or [..., n_outputs], memory states).
+
+        With channel independence the memory states have batch * n_channels rows.
+        """
+        if x.dim() != 3 or x.shape[1:] != (self.lookback, self.n_channels):
+            raise ValueError(
+                f"expected a window of shape [batch, {self.lookback}, {self.n_channels}], got {tuple(x.shape)}"
+            )
+        batch = x.shape[0]
+        if self.revin is not None:
+            x, mean, std = self.revin.normalize(x)
+        series = x.transpose(1, 2)  # [batch, C, L]
+        if self.channel_independent:
+            series = series.reshape(batch * self.n_channels, 1, self.lookback)
+        patches = self.pad(series).unfold(-1, self.patch_len, self.patch_stride)  # [rows, c, N, P]
+        tokens = patches.permute(0, 2, 1, 3).flatten(2)  # [rows, N, c * P]
+        h, states = self.backbone(self.embed(tokens) + self.position, states)
+        out = self.head(h)
+        if self.channel_independent:
+            out = out.view(batch, self.n_channels, self.horizon, self.n_outputs).transpose(1, 2)
+        else:
+            out = out.view(batch, self.horizon, self.n_channels, self.n_outputs)
+        out = out[:, :, -self.n_targets :]  # [batch, H, targets, outputs]; targets are the last channels
+        if self.revin is not None:
+            out = self.revin.denormalize(out, mean, std, slice(self.n_channels - self.n_targets, None))
+        return (out.squeeze(-1) if self.n_outputs == 1 else out), states
