@@ -120,6 +120,11 @@ class TitansForecastingModule(pl.LightningModule):
         if stage == "fit" and datamodule is not None and hasattr(datamodule, "target_mean"):
             self.set_scaler(datamodule.target_mean, datamodule.target_std)
 
+    def on_fit_start(self) -> None:
+        # a validate()/test() before fit leaves the metric states as inference tensors; renew them
+        for metric in (self.val_mse, self.val_mae, self.test_mse, self.test_mae):
+            metric.reset()
+
     def set_scaler(self, mean: Any, std: Any) -> None:
         """Store the target channels' scaler statistics (arrays of n_targets values)."""
         mean = torch.as_tensor(mean, dtype=self.target_mean.dtype).reshape(-1)

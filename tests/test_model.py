@@ -1,0 +1,157 @@
+"""The forecasting network and its LightningModule on small synthetic windows."""
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+from forecasters import RevIN, TitansForecastingModule, TitansForecastModel
+
+SMALL = dict(dim=16, n_layers=1, heads=2, window=4, segment_len=4, chunk_size=4, n_persistent=2)
+
+
+@pytest.mark.parametrize("variant", ["mac", "mag", "mal", "lmm"])
+@pytest.mark.parametrize(
+    "layout",
+    [dict(), dict(channel_independent=False), dict(patch_len=1, patch_stride=1), dict(revin=False)],
+    ids=["patches-ci", "channel-mixing", "point-tokens", "no-revin"],
+)
+def test_forecast_shapes_and_gradients(variant, layout):
+    torch.manual_seed(0)
+    settings = {**SMALL, "patch_len": 6, "patch_stride": 3, **layout}
+    model = TitansForecastModel(3, lookback=24, horizon=5, variant=variant, **settings)
+    x = torch.randn(4, 24, 3)
+    out, states = model(x)
+    assert out.shape == (4, 5, 3) and torch.isfinite(out).all()
+    out.sum().backward()
+    assert all(p.grad is not None for p in model.parameters())
+
+
+def test_target_subset_and_quantile_outputs():
+    model = TitansForecastModel(4, lookback=16, horizon=3, n_targets=1, n_outputs=3, patch_len=4, patch_stride=4, **SMALL)
+    out, _ = model(torch.randn(2, 16, 4))
+    assert out.shape == (2, 3, 1, 3)
+
+
+def test_revin_is_reversible_and_scale_equivariant():
+    revin = RevIN(3)
+    with torch.no_grad():
+        revin.weight.uniform_(0.5, 2.0)
+        revin.bias.normal_()
+    x = torch.randn(2, 10, 3) * 5 + 3
+    z, mean, std = revin.normalize(x)
+    back = revin.denormalize(z.unsqueeze(-1), mean, std, slice(None)).squeeze(-1)
+    torch.testing.assert_close(back, x, rtol=1e-4, atol=1e-4)
+    # the whole model forecasts in the window's own units: scaling the input scales the forecast
+    torch.manual_seed(0)
+    model = TitansForecastModel(3, lookback=16, horizon=4, patch_len=4, patch_stride=4, **SMALL).eval()
+    x = torch.randn(2, 16, 3)
+    with torch.no_grad():
+        torch.testing.assert_close(model(10 * x + 7)[0], 10 * model(x)[0] + 7, rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(lookback=0), "lookback must be >= 1"),
+        (dict(horizon=0), "horizon must be >= 1"),
+        (dict(n_targets=5), "cannot exceed n_channels"),
+        (dict(patch_len=32), "must not exceed lookback"),
+    ],
+)
+def test_bad_model_arguments(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        TitansForecastModel(**{"n_channels": 3, "lookback": 16, "horizon": 4, **kwargs})
+
+
+def test_wrong_window_shape_is_named():
+    model = TitansForecastModel(3, lookback=16, horizon=4, patch_len=4, patch_stride=4, **SMALL)
+    with pytest.raises(ValueError, match=r"expected a window of shape \[batch, 16, 3\]"):
+        model(torch.randn(2, 16, 2))
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(loss="huber"), "loss must be"),
+        (dict(loss="quantile", quantiles=(0.1, 0.9)), "include 0.5"),
+        (dict(lr=-1.0), "lr must be positive"),
+    ],
+)
+def test_bad_module_arguments(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        TitansForecastingModule(**kwargs)
+
+
+def synthetic_loader(n=64, lookback=16, horizon=4, channels=2):
+    t = torch.arange(n + lookback + horizon, dtype=torch.float32)
+    series = torch.stack([torch.sin(t / 3 + c) for c in range(channels)], dim=-1)
+    x = torch.stack([series[i : i + lookback] for i in range(n)])
+    y = torch.stack([series[i + lookback : i + lookback + horizon] for i in range(n)])
+    return DataLoader(TensorDataset(x, y), batch_size=16)
+
+
+def make_module(**kwargs):
+    settings = dict(n_channels=2, lookback=16, horizon=4, patch_len=4, patch_stride=4, lr=3e-3, **SMALL)
+    return TitansForecastingModule(**{**settings, **kwargs})
+
+
+def fit(module, epochs=3):
+    trainer = pl.Trainer(max_epochs=epochs, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False, deterministic=True)
+    trainer.fit(module, synthetic_loader(), synthetic_loader())
+    return trainer
+
+
+def test_training_reduces_the_loss_and_logs_metrics():
+    pl.seed_everything(0)
+    module = make_module()
+    loader = synthetic_loader()
+    trainer = pl.Trainer(max_epochs=1, logger=False, enable_progress_bar=False, enable_checkpointing=False)
+    before = trainer.validate(module, loader, verbose=False)[0]["val_mse"]
+    trainer = fit(module, epochs=4)
+    after = trainer.callback_metrics["val_mse"].item()
+    assert after < before
+    assert {"train_loss_epoch", "val_mse", "val_mae", "val_loss"} <= set(trainer.callback_metrics)
+    result = trainer.test(module, loader, verbose=False)[0]
+    assert {"test_mse", "test_mae"} <= set(result)
+
+
+def test_quantile_forecasts_never_cross():
+    pl.seed_everything(0)
+    module = make_module(loss="quantile", quantiles=(0.9, 0.1, 0.5, 0.25))
+    fit(module, epochs=1)
+    x = next(iter(synthetic_loader()))[0]
+    module.eval()
+    with torch.no_grad():
+        quantiles = module.predict_quantiles(x)
+        point = module(x)
+    assert quantiles.shape == (16, 4, 2, 4)
+    assert (quantiles.diff(dim=-1) >= 0).all()
+    torch.testing.assert_close(point, quantiles[..., 2])  # levels sorted: 0.1, 0.25, 0.5, 0.9
+
+
+def test_nan_loss_stops_training_with_a_named_step():
+    module = make_module(lr=1e-3)
+    x = torch.randn(8, 16, 2)
+    y = torch.full((8, 4, 2), float("nan"))
+    trainer = pl.Trainer(max_epochs=1, logger=False, enable_progress_bar=False, enable_checkpointing=False)
+    with pytest.raises(FloatingPointError, match="training loss became nan at step 0"):
+        trainer.fit(module, DataLoader(TensorDataset(x, y), batch_size=4))
+
+
+def test_checkpoint_loads_with_weights_only(tmp_path):
+    pl.seed_everything(0)
+    module = make_module()
+    module.set_scaler([1.0, 2.0], [3.0, 4.0])
+    trainer = fit(module, epochs=1)
+    path = tmp_path / "model.ckpt"
+    trainer.save_checkpoint(path)
+    loaded = TitansForecastingModule.load_from_checkpoint(path, map_location="cpu", weights_only=True)
+    x = next(iter(synthetic_loader()))[0]
+    module.eval(), loaded.eval()
+    with torch.no_grad():
+        assert torch.equal(module(x), loaded(x))
+    assert torch.equal(loaded.target_mean, torch.tensor([1.0, 2.0]))
+    out = loaded.predict_step((x,), 0)
+    torch.testing.assert_close(out["forecast_original_units"], out["forecast"] * torch.tensor([3.0, 4.0]) + torch.tensor([1.0, 2.0]))
