@@ -34,12 +34,15 @@ class Attention(nn.Module):
         self.to_kv = nn.Linear(dim, 2 * dim, bias=False)
         self.to_out = nn.Linear(dim, dim, bias=False)
 
-    def forward(self, queries: Tensor, context: Tensor, mask: Tensor) -> Tensor:
-        """queries [batch, Tq, dim] attend to context [batch, Tk, dim] where mask [Tq, Tk] is True."""
+    def forward(self, queries: Tensor, context: Tensor, mask: Tensor | None = None) -> Tensor:
+        """queries [batch, Tq, dim] attend to context [batch, Tk, dim] where mask [Tq, Tk] is True.
+
+        Without a mask, attention is causal (Tq == Tk), which lets torch pick its flash kernels.
+        """
         q = self._heads(self.to_q(queries))
         k, v = (self._heads(t) for t in self.to_kv(context).chunk(2, dim=-1))
         dropout = self.dropout if self.training else 0.0
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=mask is None)
         return self.to_out(out.transpose(1, 2).flatten(2))
 
     def _heads(self, t: Tensor) -> Tensor:
