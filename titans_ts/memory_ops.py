@@ -117,19 +117,45 @@ def naive_memory_update(
     return y, MemoryCarry(tuple(weights), tuple(momentum), tuple(chunk_start), position)
 
 
+class ChunkGates(NamedTuple):
+    """Momentum and forgetting of chunks unrolled, from cumulative log-gates. Shapes [..., c(, c)].
+
+    Inside a chunk, W_t = keep_w[t] W + keep_s[t] S - sum_i (mix[t, i] theta_i) G_i and the chunk
+    ends with S' = eta_total S - sum_i (carry_last[i] theta_i) G_i. theta enters per chunk, as the
+    gradient bound that may scale it depends on the chunk-start weights.
+    """
+
+    mix: Tensor  # [..., c, c]: sum_{i<=s<=t} prod_{s<j<=t} (1 - alpha_j) prod_{i<j<=s} eta_j
+    keep_w: Tensor  # [..., c]: prod_{j<=t} (1 - alpha_j), the weight of W in W_t
+    keep_s: Tensor  # [..., c]: the weight of S in W_t
+    carry_last: Tensor  # [..., c]: prod_{i<j<=c} eta_j
+    eta_total: Tensor  # [...]: prod_j eta_j
+
+
+def chunk_gates(log_eta: Tensor, log_keep: Tensor) -> ChunkGates:
+    """Unroll chunks of gates [..., c]; differences of cumulative sums never form a ratio of tiny products."""
+    c = log_eta.shape[-1]
+    causal = torch.ones(c, c, dtype=torch.bool, device=log_eta.device).tril()
+    cum_keep, cum_eta = log_keep.cumsum(-1), log_eta.cumsum(-1)
+    # decay[t, s] = prod_{s<j<=t} (1 - alpha_j); carry[s, i] = prod_{i<j<=s} eta_j; both 0 above the diagonal.
+    decay = (cum_keep[..., :, None] - cum_keep[..., None, :]).masked_fill(~causal, float("-inf")).exp()
+    carry = (cum_eta[..., :, None] - cum_eta[..., None, :]).masked_fill(~causal, float("-inf")).exp()
+    keep_s = (decay @ cum_eta.exp().unsqueeze(-1)).squeeze(-1)
+    return ChunkGates(decay @ carry, cum_keep.exp(), keep_s, carry[..., -1, :], cum_eta[..., -1].exp())
+
+
 def _chunk_step(
     q: Tensor,
     k: Tensor,
     v: Tensor,
     theta: Tensor,
-    log_eta: Tensor,
-    log_keep: Tensor,
+    gates: ChunkGates,
     weights: Sequence[Tensor],
     momentum: Sequence[Tensor],
     grad_weights: Sequence[Tensor],
     max_grad_norm: float | None,
 ) -> tuple[Tensor, list[Tensor], list[Tensor]]:
-    """Read and write one chunk of c tokens. Shapes: q, k, v [N, c, d]; gates [N, c].
+    """Read and write one chunk of c tokens. Shapes: q, k, v [N, c, d]; theta [N, c].
 
     `weights`/`momentum` are W, S just before the chunk; `grad_weights` are where the chunk's
     gradients are taken (the same as `weights` unless the chunk was opened by an earlier call).
@@ -153,41 +179,25 @@ def _chunk_step(
         # ||u (x) e||_F = ||u|| ||e||: the per-token gradient norm without forming it
         sq_norm = sum(u.pow(2).sum(-1) * e.pow(2).sum(-1) for u, e in zip(inputs, errors))
         theta = theta * grad_norm_scale(sq_norm, max_norm=max_grad_norm)
-
-    # Momentum and forgetting unrolled: W_t = a_t W + c_t S - sum_i C[t, i] G_i.
-    c = q.shape[1]
-    causal = torch.ones(c, c, dtype=torch.bool, device=q.device).tril()
-    cum_keep, cum_eta = log_keep.cumsum(-1), log_eta.cumsum(-1)
-    # decay[t, s] = prod_{s<j<=t} (1 - alpha_j); carry[s, i] = prod_{i<j<=s} eta_j; both 0 above the diagonal.
-    decay = (cum_keep[:, :, None] - cum_keep[:, None, :]).masked_fill(~causal, float("-inf")).exp()
-    carry = (cum_eta[:, :, None] - cum_eta[:, None, :]).masked_fill(~causal, float("-inf")).exp()
-    coef = (decay @ carry) * theta[:, None, :]  # C[t, i]: weight of G_i in W_t
-    keep_w = cum_keep.exp()  # a_t: weight of W in W_t
-    keep_s = (decay @ cum_eta.exp()[:, :, None]).squeeze(-1)  # c_t: weight of S in W_t
+    coef = gates.mix * theta[:, None, :]  # C[t, i]: the weight of G_i in W_t
+    keep_w, keep_s = gates.keep_w[:, :, None], gates.keep_s[:, :, None]
 
     # Queries through each token's own weights W_t (dual form).
     h = q
     for layer in range(depth):
         u, e = inputs[layer], errors[layer]
-        z = (
-            keep_w[:, :, None] * (h @ weights[layer])
-            + keep_s[:, :, None] * (h @ momentum[layer])
-            - (coef * (h @ u.mT)) @ e
-        )
+        z = keep_w * (h @ weights[layer]) + keep_s * (h @ momentum[layer]) - (coef * (h @ u.mT)) @ e
         h = F.silu(z) if layer < depth - 1 else z
 
     # State after the chunk's last token.
     w_coef = coef[:, -1, :, None]
-    s_coef = (carry[:, -1, :] * theta)[:, :, None]
+    s_coef = (gates.carry_last * theta)[:, :, None]
+    eta_total = gates.eta_total[:, None, None]
     new_weights, new_momentum = [], []
     for layer in range(depth):
         u, e = inputs[layer], errors[layer]
-        new_momentum.append(cum_eta[:, -1, None, None].exp() * momentum[layer] - u.mT @ (s_coef * e))
-        new_weights.append(
-            keep_w[:, -1, None, None] * weights[layer]
-            + keep_s[:, -1, None, None] * momentum[layer]
-            - u.mT @ (w_coef * e)
-        )
+        new_momentum.append(eta_total * momentum[layer] - u.mT @ (s_coef * e))
+        new_weights.append(keep_w[:, -1:] * weights[layer] + keep_s[:, -1:] * momentum[layer] - u.mT @ (w_coef * e))
     return h, new_weights, new_momentum
 
 
@@ -204,22 +214,38 @@ def chunked_memory_update(
 ) -> tuple[Tensor, MemoryCarry]:
     """Fast form of `naive_memory_update`: same arguments, same results."""
     length = q.shape[1]
+    # Chunk borders: first close the chunk an earlier call left open, then full chunks, then a tail.
+    head = min((chunk_size - carry.position) % chunk_size, length)
+    n_full = (length - head) // chunk_size
+
+    def chunks(t: Tensor) -> tuple[list[Tensor], Tensor]:
+        """[N, T, ...] -> its chunks, and the full chunks stacked [n_full, N, c, ...] (contiguous).
+
+        One split and one copy: slicing per chunk would make autograd zero-fill a full-length
+        gradient for every slice, quadratic in T.
+        """
+        first, body, tail = t.split([head, n_full * chunk_size, length - head - n_full * chunk_size], dim=1)
+        body = body.unflatten(1, (n_full, chunk_size)).transpose(0, 1).contiguous()
+        return [first] * bool(head) + list(body.unbind(0)) + [tail] * bool(tail.shape[1]), body
+
+    q_chunks, k_chunks, v_chunks, theta_chunks = (chunks(t)[0] for t in (q, k, v, theta))
+    (eta_chunks, eta_body), (keep_chunks, keep_body) = chunks(log_eta), chunks(log_keep)
+    # The gates of all full chunks at once: only the memory itself is sequential.
+    body_gates = chunk_gates(eta_body, keep_body) if n_full else None
+    gates_of = [chunk_gates(eta_chunks[0], keep_chunks[0])] if head else []
+    gates_of += [ChunkGates(*g) for g in zip(*(x.unbind(0) for x in body_gates))] if n_full else []
+    if len(gates_of) < len(q_chunks):
+        gates_of.append(chunk_gates(eta_chunks[-1], keep_chunks[-1]))
+
     weights, momentum, chunk_start = list(carry.weights), list(carry.momentum), list(carry.chunk_start)
     position = carry.position
     outputs = []
-    start = 0
-    while start < length:
+    for q_c, k_c, v_c, theta_c, gates in zip(q_chunks, k_chunks, v_chunks, theta_chunks, gates_of):
         if position == 0:
             chunk_start = weights
-        end = min(start + chunk_size - position, length)
-        part = slice(start, end)
-        y, weights, momentum = _chunk_step(
-            q[:, part], k[:, part], v[:, part], theta[:, part], log_eta[:, part], log_keep[:, part],
-            weights, momentum, chunk_start, max_grad_norm,
-        )
+        y, weights, momentum = _chunk_step(q_c, k_c, v_c, theta_c, gates, weights, momentum, chunk_start, max_grad_norm)
         outputs.append(y)
-        position = (position + end - start) % chunk_size
-        start = end
+        position = (position + q_c.shape[1]) % chunk_size
     if position == 0:
         chunk_start = weights
     y = torch.cat(outputs, dim=1) if outputs else q.new_zeros(q.shape)
