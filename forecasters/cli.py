@@ -1,0 +1,356 @@
+"""The ``titans-ts`` command line: LightningCLI for TitansForecastingModule, MLflow tracking, run comparison.
+
+    titans-ts fit --config configs/etth1/mac.yaml                 # train, test the best checkpoint, log to MLflow
+    titans-ts fit --config configs/etth1/mac.yaml --config configs/quick.yaml --model.variant mag --data.horizon 336
+    titans-ts test --config configs/etth1/mac.yaml --ckpt_path checkpoints/<run_id>/best-....ckpt
+    titans-ts fit --config configs/etth1/mac.yaml --ckpt_path checkpoints/<run_id>/last.ckpt
+        --trainer.logger.init_args.run_id <run_id>                # (one line) resume in the same MLflow run
+    titans-ts predict --config configs/etth1/mac.yaml --ckpt_path ... --predictions_path forecasts.npz
+    titans-ts compare --experiment titans-ts --chart runs.png      # table (and chart) of the logged runs
+    titans-ts fit --config configs/etth1/mac.yaml --print_config  # the resolved config
+    mlflow ui --backend-store-uri sqlite:///mlflow.db             # browse the runs (default local store)
+
+The model class is fixed; the data module is any LightningDataModule (``--data ETTh1DataModule`` or
+``class_path: datamodules.ETTh1DataModule``) exposing ``n_channels``, ``n_targets``, ``lookback`` and
+``horizon``, which are linked into the model. Defaults: MLflow logging (:mod:`forecasters.tracking`),
+early stopping and best-checkpoint selection on ``val_mse`` (plus ``last.ckpt`` for resuming with
+``--ckpt_path``), ``seed_everything: 42``; ``fit`` tests the best checkpoint when it ends.
+
+Nothing heavy is imported at module level beyond Lightning itself: mlflow is imported when a run
+starts, matplotlib when a figure is drawn, so ``--help`` stays quick.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import warnings
+from pathlib import Path
+from typing import Any
+
+import yaml
+from lightning.pytorch import LightningDataModule, LightningModule, Trainer
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
+
+# Imported so that short names resolve: --data ETTh1DataModule (jsonargparse knows imported subclasses).
+import datamodules  # noqa: F401
+from forecasters.module import TitansForecastingModule
+from forecasters.tracking import DEFAULT_EXPERIMENT, TitansMLFlowLogger, dataset_name, run_tags
+
+__all__ = ["MLflowSaveConfigCallback", "TitansCLI", "compare_main", "main", "run_cli"]
+
+DESCRIPTION = (
+    "Train, evaluate and compare Titans time-series forecasters. Subcommands: fit, validate, test, predict "
+    "(Lightning CLI: `titans-ts fit --help`) and compare (`titans-ts compare --help`: a table of MLflow runs)."
+)
+
+#: Properties of the data module that fix the model's shapes (linked, so they are set in one place).
+LINKED_FROM_DATA = ("n_channels", "n_targets", "lookback", "horizon")
+
+#: Defaults of every subcommand; a config or the command line replaces them
+#: (``--trainer.logger false`` turns MLflow off, ``--trainer.callbacks+=...`` appends a callback).
+DEFAULT_CALLBACKS: list[dict[str, Any]] = [
+    {
+        "class_path": "lightning.pytorch.callbacks.EarlyStopping",
+        "init_args": {"monitor": "val_mse", "mode": "min", "patience": 3},
+    },
+    {
+        "class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+        "init_args": {
+            "monitor": "val_mse", "mode": "min", "save_top_k": 1, "save_last": True,
+            "filename": "best-{epoch:02d}-{val_mse:.4f}",
+        },
+    },
+]
+DEFAULT_LOGGER: dict[str, Any] = {
+    "class_path": "forecasters.tracking.TitansMLFlowLogger",
+    "init_args": {"experiment_name": DEFAULT_EXPERIMENT},
+}
+
+
+class MLflowSaveConfigCallback(SaveConfigCallback):
+    """Logs the resolved config to the MLflow run (params + ``config.yaml``) instead of writing it to disk.
+
+    Writing ``config.yaml`` to the log dir, LightningCLI's default, would put it in the working
+    directory (an MLflow logger on a database or server has no local log dir) and clash between runs.
+    """
+
+    def __init__(self, parser: LightningArgumentParser, config: Any, config_filename: str = "config.yaml",
+                 overwrite: bool = False, multifile: bool = False, save_to_log_dir: bool = False) -> None:
+        super().__init__(parser, config, config_filename=config_filename, overwrite=overwrite,
+                         multifile=multifile, save_to_log_dir=save_to_log_dir)
+
+    def save_config(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        loggers = [lg for lg in trainer.loggers if isinstance(lg, TitansMLFlowLogger)]
+        if not loggers:
+            return
+        text = self.parser.dump(self.config, skip_none=False)
+        config = yaml.safe_load(text)
+        for logger in loggers:
+            logger.log_config(config, text)
+
+
+class TitansCLI(LightningCLI):
+    """LightningCLI with TitansForecastingModule, any data module, MLflow defaults and a test after fit.
+
+    Args:
+        args: command-line arguments (default: ``sys.argv[1:]``), or a dict / Namespace config.
+        run: run the subcommand (``False``: only parse and instantiate, without subcommands).
+        **kwargs: further LightningCLI arguments (e.g. ``parser_kwargs``).
+
+    After ``fit`` (and ``test``) the metrics of the final test are in ``test_metrics`` (after
+    ``validate``: ``val_metrics``); after ``fit`` the best checkpoint is ``best_model_path`` and the
+    logged MLflow model ``model_uri``; after ``predict`` the raw outputs are in ``predictions``.
+    """
+
+    def __init__(self, args: list[str] | dict[str, Any] | None = None, run: bool = True, **kwargs: Any) -> None:
+        self.test_metrics: dict[str, float] = {}
+        self.val_metrics: dict[str, float] = {}
+        self.best_model_path: str | None = None
+        self.model_uri: str | None = None
+        self.predictions: list[Any] | None = None
+        parser_kwargs = {"description": DESCRIPTION, **kwargs.pop("parser_kwargs", {})}
+        kwargs.setdefault("seed_everything_default", 42)
+        super().__init__(
+            model_class=TitansForecastingModule,
+            datamodule_class=LightningDataModule,
+            subclass_mode_data=True,
+            save_config_callback=MLflowSaveConfigCallback,
+            # The module configures its own AdamW + cosine schedule from its hyperparameters.
+            auto_configure_optimizers=False,
+            parser_kwargs=parser_kwargs,
+            args=args,
+            run=run,
+            **kwargs,
+        )
+
+    # --- parser ------------------------------------------------------------------------------
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        for name in LINKED_FROM_DATA:
+            # On instantiate: n_channels and n_targets are properties known once the data module exists.
+            parser.link_arguments(f"data.{name}", f"model.{name}", apply_on="instantiate")
+        parser.set_defaults({"trainer.logger": DEFAULT_LOGGER, "trainer.callbacks": DEFAULT_CALLBACKS})
+
+    def _prepare_subcommand_parser(self, klass: type, subcommand: str, **kwargs: Any) -> LightningArgumentParser:
+        # Options of one subcommand only (add_arguments_to_parser would add them to all of them).
+        parser = super()._prepare_subcommand_parser(klass, subcommand, **kwargs)
+        if subcommand == "fit":
+            parser.add_argument("--test_after_fit", type=bool, default=True,
+                                help="Test the best checkpoint when training ends (and log test_mse/test_mae).")
+        if subcommand == "predict":
+            parser.add_argument("--predictions_path", type=str | None, default=None,
+                                help="Write the forecasts (scaled and in original units) to this .npz file.")
+        return parser
+
+    def _parse_ckpt_path(self) -> None:
+        # LightningCLI re-reads the model's hyperparameters from --ckpt_path; the linked ones come from
+        # the data module and must not be given twice, so drop them from what the checkpoint offers.
+        ckpt_path = self.config[self.config.subcommand].get("ckpt_path") if self.config.get("subcommand") else None
+        if not ckpt_path or not Path(ckpt_path).is_file():
+            return
+        import torch
+
+        hparams = torch.load(ckpt_path, weights_only=True, map_location="cpu").get("hyper_parameters", {})
+        hparams = {k: v for k, v in hparams.items() if k not in LINKED_FROM_DATA and not k.startswith("_")}
+        if hparams:
+            try:
+                self.config = self.parser.parse_object({self.config.subcommand: {"model": hparams}}, self.config)
+            except SystemExit:
+                sys.stderr.write(f"The hyperparameters stored in {ckpt_path} do not fit this model's arguments.\n")
+                raise
+
+    # --- helpers -----------------------------------------------------------------------------
+    def _mlflow_logger(self) -> TitansMLFlowLogger | None:
+        return next((lg for lg in self.trainer.loggers if isinstance(lg, TitansMLFlowLogger)), None)
+
+    def _start_run(self, stage: str) -> TitansMLFlowLogger | None:
+        """Create the MLflow run now, with its tags, so checkpoints can be filed under its id."""
+        logger = self._mlflow_logger()
+        if logger is None or not self.trainer.is_global_zero:
+            return logger
+        pt2_quantile = logger.model_format == "pt2" and self.model.hparams.get("loss") == "quantile"
+        if stage == "fit" and logger.log_forecast_model and pt2_quantile:
+            # Found out now rather than after training: torch.export cannot trace the median pick.
+            raise ValueError("model_format='pt2' cannot export a model trained with loss='quantile'; set "
+                             "--trainer.logger.init_args.model_format=pickle")
+        tags = {**run_tags(self.model, self.datamodule), "stage": stage}
+        hp = self.model.hparams
+        name = f"{tags['dataset'].lower()}-{hp.get('variant')}-L{hp.get('lookback')}-H{hp.get('horizon')}"
+        logger.start(tags, run_name=name if stage == "fit" else f"{name}-{stage}")
+        # A database or server store has no local folder, where Lightning would put checkpoints: file
+        # them under checkpoints/<run_id>. Evaluation stages write none; pointing them at the folder of
+        # the checkpoint they load keeps Lightning from inventing (and warning about) another one.
+        ckpt_path = self._option("ckpt_path", None)
+        folder = (Path(self.trainer.default_root_dir) / "checkpoints" / str(logger.run_id)
+                  if stage == "fit" or not ckpt_path or not Path(ckpt_path).is_file() else Path(ckpt_path).parent)
+        for callback in self.trainer.checkpoint_callbacks:
+            if isinstance(callback, ModelCheckpoint) and callback.dirpath is None:
+                callback.dirpath = str(folder.resolve())
+        return logger
+
+    def _option(self, key: str, default: Any) -> Any:
+        return self.config.get(str(self.subcommand), self.config).get(key, default)
+
+    # --- subcommand hooks ----------------------------------------------------------------------
+    def before_fit(self) -> None:
+        self._start_run("fit")
+
+    def after_fit(self) -> None:
+        callback = self.trainer.checkpoint_callback
+        best = callback.best_model_path if isinstance(callback, ModelCheckpoint) else ""
+        self.best_model_path = best or None
+        if self._option("test_after_fit", True) and not self.trainer.interrupted:
+            self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path="best" if best else None)
+            self.test_metrics = _metrics(self.trainer, "test_")
+        logger = self._mlflow_logger()
+        if logger is not None and self.trainer.is_global_zero:
+            summary = {"epochs_trained": float(self.trainer.current_epoch)}
+            if isinstance(callback, ModelCheckpoint) and callback.best_model_score is not None:
+                summary[f"best_{callback.monitor}"] = float(callback.best_model_score)
+            logger.log_metrics(summary, step=self.trainer.global_step)
+            module = (TitansForecastingModule.load_from_checkpoint(best, map_location="cpu", weights_only=True)
+                      if best else self.model)
+            self.model_uri = logger.log_forecaster(module, self.datamodule)
+            logger.finalize("success")
+        self._report("fit", logger)
+
+    def before_validate(self) -> None:
+        self._start_run("validate")
+
+    def after_validate(self) -> None:
+        self.val_metrics = _metrics(self.trainer, "val_")
+        self._report("validate", self._mlflow_logger())
+
+    def before_test(self) -> None:
+        self._start_run("test")
+
+    def after_test(self) -> None:
+        self.test_metrics = _metrics(self.trainer, "test_")
+        self._report("test", self._mlflow_logger())
+
+    def before_predict(self) -> None:
+        self._start_run("predict")
+
+    def predict(self, **kwargs: Any) -> None:
+        """Trainer.predict, keeping the forecasts (LightningCLI drops what a subcommand returns)."""
+        self.predictions = self.trainer.predict(**kwargs)
+
+    def after_predict(self) -> None:
+        import numpy as np
+        import torch
+
+        if not self.predictions:
+            return
+        arrays = {key: torch.cat([p[key] for p in self.predictions]).numpy() for key in self.predictions[0]}
+        path = self._option("predictions_path", None)
+        print(f"Predicted {len(next(iter(arrays.values())))} windows: "
+              + ", ".join(f"{k} {tuple(v.shape)}" for k, v in arrays.items()))
+        if path:
+            np.savez(path, **arrays)
+            print(f"Forecasts written to {Path(path).resolve()}")
+            logger = self._mlflow_logger()
+            if logger is not None:
+                logger.experiment.log_artifact(logger.run_id, path)
+
+    def _report(self, stage: str, logger: TitansMLFlowLogger | None) -> None:
+        """Print the outcome: test metrics, where the checkpoint and the MLflow run are, how to look at them."""
+        if not self.trainer.is_global_zero:
+            return
+        lines = [""]
+        if stage == "validate" and self.val_metrics:
+            metrics = "  ".join(f"{k}={v:.4f}" for k, v in sorted(self.val_metrics.items()))
+            lines.append(f"{dataset_name(self.datamodule)} {self.model.hparams.get('variant')} validation: {metrics}")
+        if self.test_metrics:
+            source = f"best checkpoint {self.best_model_path}" if stage == "fit" and self.best_model_path else stage
+            metrics = "  ".join(f"{k}={v:.4f}" for k, v in sorted(self.test_metrics.items()))
+            lines.append(f"{dataset_name(self.datamodule)} {self.model.hparams.get('variant')} "
+                         f"L={self.model.hparams.get('lookback')} H={self.model.hparams.get('horizon')} "
+                         f"test ({source}): {metrics}")
+        elif stage == "fit" and self.best_model_path:
+            lines.append(f"Best checkpoint: {self.best_model_path}")
+        if logger is not None and logger.started:
+            uri = logger.tracking_uri
+            lines.append(f"MLflow run {logger.run_id} (experiment {logger.experiment_name!r}) in {uri}")
+            if self.model_uri:
+                lines.append(f"  model: {self.model_uri}  (mlflow.pytorch.load_model)")
+            lines.append(f"  compare runs: titans-ts compare --experiment {logger.experiment_name}")
+            if uri.startswith(("http://", "https://")):
+                lines.append(f"  UI: open {uri}")
+            else:
+                lines.append(f"  UI: mlflow ui --backend-store-uri {uri}  (then open http://127.0.0.1:5000)")
+        print("\n".join(lines), flush=True)
+
+
+def _metrics(trainer: Trainer, prefix: str) -> dict[str, float]:
+    return {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith(prefix)}
+
+
+def compare_main(args: list[str] | None = None) -> int:
+    """``titans-ts compare``: print a table of an experiment's runs; optionally write a chart."""
+    parser = argparse.ArgumentParser(
+        prog="titans-ts compare",
+        description="Compare the MLflow runs of an experiment: dataset, variant, horizon, test metrics, "
+                    "duration and key parameters, best test_mse first within each dataset and horizon.",
+    )
+    parser.add_argument("--experiment", default=DEFAULT_EXPERIMENT, help="MLflow experiment name (default: %(default)s)")
+    parser.add_argument("--tracking_uri", default=None,
+                        help="MLflow store (default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db in the working directory)")
+    parser.add_argument("--chart", type=Path, default=None, help="write a PNG bar chart of --metric per run here")
+    parser.add_argument("--metric", default="test_mse", help="metric for the chart (default: %(default)s)")
+    parser.add_argument("--max_runs", type=int, default=1000, help="most recent runs to include (default: %(default)s)")
+    opts = parser.parse_args(args)
+
+    import pandas as pd
+
+    from forecasters.tracking import compare_runs, resolve_tracking_uri
+
+    try:
+        table = compare_runs(opts.experiment, opts.tracking_uri, max_runs=opts.max_runs)
+    except ValueError as exc:
+        print(f"titans-ts compare: {exc}", file=sys.stderr)
+        return 2
+    uri = resolve_tracking_uri(opts.tracking_uri)
+    print(f"Experiment {opts.experiment!r} in {uri}: {len(table)} run(s)")
+    if len(table):
+        with pd.option_context("display.width", 200, "display.max_columns", None, "display.max_rows", None):
+            print(table.to_string(index=False, float_format=lambda v: f"{v:.4g}", na_rep="-"))
+    if opts.chart is not None:
+        from forecasters.plots import comparison_figure
+
+        try:
+            fig = comparison_figure(table, opts.metric)
+        except ValueError as exc:
+            print(f"titans-ts compare: no chart: {exc}", file=sys.stderr)
+            return 2
+        opts.chart.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(opts.chart, dpi=100)
+        print(f"Chart of {opts.metric} written to {opts.chart.resolve()}")
+    return 0
+
+
+def run_cli(args: list[str] | None = None, **kwargs: Any) -> TitansCLI:
+    """Run a Lightning subcommand (fit, validate, test, predict) and return the CLI object.
+
+    ``args`` replaces ``sys.argv[1:]`` (e.g. ``run_cli(["fit", "--config", "configs/etth1/mac.yaml"])``).
+    """
+    if args is None:
+        return TitansCLI(args=None, **kwargs)
+    with warnings.catch_warnings():
+        # Explicit args while sys.argv has its own (pytest, notebooks) is this function's purpose.
+        warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
+        return TitansCLI(args=args, **kwargs)
+
+
+def main(args: list[str] | None = None) -> int:
+    """Console entry point ``titans-ts``: ``compare`` or a Lightning subcommand; returns the exit status."""
+    argv = list(sys.argv[1:] if args is None else args)
+    if argv and argv[0] == "compare":
+        return compare_main(argv[1:])
+    # None lets LightningCLI read sys.argv itself (passing both makes it warn).
+    run_cli(None if args is None else argv)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
