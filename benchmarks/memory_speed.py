@@ -3,9 +3,10 @@
     .venv/bin/python benchmarks/memory_speed.py                 # full run (installs the peer venv once)
     .venv/bin/python benchmarks/memory_speed.py --quick --out /tmp/ms.json   # smoke pass, seconds
 
-Expected run time (2 CPU cores, quiet machine): full run about 25-35 minutes, of which ~35 s is
-the one-time install of the peer venv; `--quick` about 10-20 s. A busy machine (other jobs on
-the two cores) makes every number slower and noisier: each record keeps the load average.
+Expected run time (2 CPU cores): full run about 15-20 minutes on a quiet machine (14 min
+measured), plus ~35 s for the one-time install of the peer venv; `--quick` about 10-20 s.
+On a busy machine the script waits for quiet (up to --max-wait-s per point) and re-runs
+disturbed points, so it takes longer; `--resume` continues an interrupted run.
 
 What is timed
 -------------
@@ -403,9 +404,11 @@ def bench(args: argparse.Namespace) -> tuple[list[dict], dict, bool]:
                     records.append(old)
                     for name, field in (("ours", "ours_ms"), ("peer", "peer_ms"), ("peer_exact", "peer_exact_ms")):
                         ms_old = old.get(field)
-                        fail = next((n for n in old["notes"] if n.startswith(name + ":")), "no result")
-                        skip.record((name, dim, chunk), T, {"ms": ms_old, "max_rss_gb": old.get(f"{name}_max_rss_gb")}
-                                    if ms_old else {"error": fail.split(":", 1)[-1].strip()})
+                        fail = next((n for n in old["notes"] if n.startswith(name + ":")), None)
+                        if ms_old:
+                            skip.record((name, dim, chunk), T, {"ms": ms_old, "max_rss_gb": old.get(f"{name}_max_rss_gb")})
+                        elif fail:
+                            skip.record((name, dim, chunk), T, {"error": fail.split(":", 1)[-1].strip()})
                     continue
                 head_dim = dim // heads
                 hidden = max(1, round(hidden_mult * head_dim))
@@ -606,13 +609,17 @@ def plot(records: list[dict], path: Path) -> None:
             pts = [(r["T"], r[field]) for r in rs if r.get(field)]
             if pts:
                 ax.plot(*zip(*pts), style, label=label)
-        for r in rs:
-            if r.get("peer_ms") is None and any(n.startswith("peer:") for n in r["notes"]):
-                ax.annotate("peer: n/a", (r["T"], ax.get_ylim()[1]), ha="center", va="top", fontsize=7, color="gray")
-            if r.get("ours_ms") is None and any(n.startswith("ours:") for n in r["notes"]):
-                ax.annotate("ours: n/a", (r["T"], ax.get_ylim()[0]), ha="center", va="bottom", fontsize=7, color="gray")
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
+        ts = sorted({r["T"] for r in records})
+        ax.set_xlim(ts[0] / 1.4, ts[-1] * 1.4)
+        lo, hi = ax.get_ylim()
+        for r in rs:
+            for name, y, va in (("ours", lo, "bottom"), ("peer", hi, "top")):
+                why = " ".join(n for n in r["notes"] if n.startswith(name + ":")).lower()
+                if r.get(f"{name}_ms") is None and why:
+                    tag = "OOM" if ("memory" in why or "gib" in why) else "timeout" if "timeout" in why else "n/a"
+                    ax.annotate(f"{name}: {tag}", (r["T"], y), ha="center", va=va, fontsize=7, color="gray")
         ax.set_xlabel("T (sequence length)")
         ax.set_ylabel("forward + backward, ms (median)")
         b = rs[0]["batch"] if rs else "?"
@@ -656,10 +663,21 @@ def profile_ours(args: argparse.Namespace) -> None:
     x = torch.randn(args.batch, T, dim)
     mem(x)[0].sum().backward()  # warm
     mem.zero_grad(set_to_none=True)
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+    wait_for_quiet(args.quiet_threshold, args.max_wait_s)
+    t0, busy0, self0 = time.perf_counter(), _cpu_busy_s(), time.process_time()
+    mem(x)[0].sum().backward()
+    plain = time.perf_counter() - t0
+    mem.zero_grad(set_to_none=True)
+    t1 = time.perf_counter()
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
         mem(x)[0].sum().backward()
-    print(f"ours, dim {dim}, chunk {chunk}, batch {args.batch}, T {T}, {args.threads} threads:")
+    wall = time.perf_counter() - t1
+    others = ((_cpu_busy_s() - busy0) - (time.process_time() - self0)) / ((time.perf_counter() - t0) * (os.cpu_count() or 1))
+    print(f"ours, dim {dim}, chunk {chunk}, batch {args.batch}, T {T}, {args.threads} threads: one forward+backward "
+          f"took {plain:.2f} s, {wall:.2f} s under the profiler; other jobs used {max(0.0, others):.0%} of the cores")
     print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.profile_rows))
+    print("by input shapes:")
+    print(prof.key_averages(group_by_input_shape=True).table(sort_by="self_cpu_time_total", row_limit=args.profile_rows))
 
 
 # --------------------------------------------------------------------------- main
@@ -694,24 +712,28 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--max-contention", type=float, default=0.10,
                    help="re-run a point if other jobs used more than this share of the cores meanwhile")
     p.add_argument("--retries", type=int, default=None, help="re-runs of a contended point (default 1; quick 0)")
-    p.add_argument("--peer-exact-max-T", type=int, default=512,
-                   help="also time the peer with batch_size=chunk for T up to this (0: never; default 512)")
+    p.add_argument("--peer-exact-max-T", type=int, default=None,
+                   help="also time the peer with batch_size=chunk for T up to this (0: never; default 512; quick 0)")
     p.add_argument("--resume", action="store_true",
                    help="keep the points already in --out (same dim, chunk, batch, T) and run only the others; "
                    "points that other jobs disturbed (*_other_cpu_frac > --max-contention) are run again")
     p.add_argument("--profile", action="store_true",
-                   help="only print a torch.profiler table of ours at the first dim/chunk/T, then exit")
+                   help="only print a torch.profiler table of one forward+backward of ours at the first dim/chunk/T "
+                   "(default dim 256, chunk 16, T 2048, batch 32), then exit")
     p.add_argument("--profile-rows", type=int, default=25)
     args = p.parse_args(argv)
     if args.quick:
         if args.out is None:
             p.error("--quick needs --out PATH (it never writes the committed results)")
         defaults = dict(dims=[64], chunks=[16], Ts=[96], batch=2, warmup=1, repeats=1, budget_s=1.0,
-                        timeout_s=180.0, mem_limit_gb=6.0, max_wait_s=0.0, retries=0)
-        args.peer_exact_max_T = 0 if "--peer-exact-max-T" not in " ".join(argv) else args.peer_exact_max_T
+                        timeout_s=180.0, mem_limit_gb=6.0, max_wait_s=0.0, retries=0, peer_exact_max_T=0)
+    elif args.profile:
+        defaults = dict(dims=[256], chunks=[16], Ts=[2048], batch=32, warmup=1, repeats=1, budget_s=1.0,
+                        timeout_s=0.0, mem_limit_gb=0.0, max_wait_s=600.0, retries=0)
     else:
         defaults = dict(dims=[64, 256], chunks=[16, 64], Ts=[96, 512, 2048, 8192], batch=32, warmup=1, repeats=5,
-                        budget_s=10.0, timeout_s=300.0, mem_limit_gb=14.0, max_wait_s=120.0, retries=1)
+                        budget_s=10.0, timeout_s=300.0, mem_limit_gb=14.0, max_wait_s=120.0, retries=1,
+                        peer_exact_max_T=512)
     for k, v in defaults.items():
         if getattr(args, k) is None:
             setattr(args, k, v)
