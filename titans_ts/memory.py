@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Callable, NamedTuple
 
@@ -9,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from titans_ts.causal_conv import causal_depthwise_conv
 from titans_ts.memory_ops import MemoryCarry, chunked_memory_update, mlp_forward, naive_memory_update
 
 
@@ -154,25 +156,27 @@ class NeuralMemory(nn.Module):
         qkv = F.silu(self.to_qkv(x))
         context = torch.cat([state.conv_cache.to(qkv.dtype), qkv], dim=1)
         conv_cache = context[:, context.shape[1] - (self.conv_kernel - 1) :]
-        qkv = self.conv(context.transpose(1, 2)).transpose(1, 2)
+        qkv = causal_depthwise_conv(context, self.conv.weight, self.conv.bias)
         q, k, v = (self._split_heads(t) for t in qkv.chunk(3, dim=-1))
         q, k = F.normalize(q, dim=-1), F.normalize(k, dim=-1)
 
         # Gates per token and head, at least float32 and in log space where they multiply up.
         gates = self.to_gates(x)
-        gates = gates.float() if gates.element_size() < 4 else gates
+        gates = _at_least_float32(gates)
         gates = gates.view(batch, length, 3, self.heads).permute(2, 0, 3, 1)
         theta = (self.max_lr * torch.sigmoid(gates[0])).flatten(0, 1)
         log_eta = F.logsigmoid(gates[1]).flatten(0, 1)
         log_keep = F.logsigmoid(-gates[2]).flatten(0, 1)  # log(1 - alpha)
 
+        # The memory's weights are a running sum over the whole stream: under autocast (bf16-mixed) the
+        # recurrence still runs in float32, since bf16's 8-bit mantissa would round small updates away.
         flat = MemoryCarry(
-            *(tuple(w.flatten(0, 1) for w in ws) for ws in (state.weights, state.momentum, state.chunk_start)),
+            *(tuple(_at_least_float32(w.flatten(0, 1)) for w in ws) for ws in (state.weights, state.momentum, state.chunk_start)),
             position=state.position,
         )
-        y, carry = recurrence(
-            q, k, v, theta, log_eta, log_keep, flat, chunk_size=self.chunk_size, max_grad_norm=self.max_grad_norm
-        )
+        with _autocast_off(x.device.type):
+            y, carry = recurrence(*map(_at_least_float32, (q, k, v)), theta, log_eta, log_keep, flat,
+                                  chunk_size=self.chunk_size, max_grad_norm=self.max_grad_norm)
         unflat = (tuple(w.unflatten(0, (batch, self.heads)) for w in ws) for ws in carry[:3])
         return self.to_out(self._merge_heads(y, batch)), MemoryState(*unflat, position=carry.position, conv_cache=conv_cache)
 
@@ -190,6 +194,17 @@ class NeuralMemory(nn.Module):
             f"dim={self.dim}, heads={self.heads}, depth={self.depth}, chunk_size={self.chunk_size}, "
             f"max_lr={self.max_lr}, conv_kernel={self.conv_kernel}, max_grad_norm={self.max_grad_norm}"
         )
+
+
+def _autocast_off(device_type: str) -> contextlib.AbstractContextManager:
+    """Autocast disabled on `device_type` (a no-op where autocast does not exist, e.g. meta)."""
+    if torch.amp.is_autocast_available(device_type):
+        return torch.autocast(device_type, enabled=False)
+    return contextlib.nullcontext()
+
+
+def _at_least_float32(t: Tensor) -> Tensor:
+    return t.float() if t.element_size() < 4 else t
 
 
 def _require(condition: bool, message: str) -> None:

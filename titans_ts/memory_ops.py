@@ -144,6 +144,43 @@ def chunk_gates(log_eta: Tensor, log_keep: Tensor) -> ChunkGates:
     return ChunkGates(decay @ carry, cum_keep.exp(), keep_s, carry[..., -1, :], cum_eta[..., -1].exp())
 
 
+def _batched_dot(a: Tensor, b: Tensor) -> Tensor:
+    """<a_n, b_n> for every n of [N, ...] tensors."""
+    return torch.linalg.vecdot(a.flatten(1), b.flatten(1))
+
+
+class _AdvanceState(torch.autograd.Function):
+    """The state after a chunk, one layer: weight-sized work fused, with a hand-written backward.
+
+        W' = keep_w W + keep_s S - U^T diag(w_coef) E,      S' = eta_total S - U^T diag(s_coef) E
+
+    W, S [N, in, out]; U [N, c, in] (layer inputs); E [N, c, out] (errors); keep_w, keep_s,
+    eta_total [N]; w_coef, s_coef [N, c]. Autograd through the plain expression allocates and
+    saves several weight-sized tensors per chunk (products, negations, broadcasts); here the
+    forward writes each result in place into one buffer and the backward forms only gW and gS.
+    """
+
+    @staticmethod
+    def forward(ctx, W, S, U, E, keep_w, keep_s, eta_total, w_coef, s_coef):  # type: ignore[override]
+        E_w, E_s = E * w_coef[..., None], E * s_coef[..., None]
+        new_w = (W * keep_w[:, None, None]).addcmul_(S, keep_s[:, None, None]).baddbmm_(U.mT, E_w, alpha=-1)
+        new_s = (S * eta_total[:, None, None]).baddbmm_(U.mT, E_s, alpha=-1)
+        ctx.save_for_backward(W, S, U, E, keep_w, keep_s, eta_total, w_coef, s_coef)
+        return new_w, new_s
+
+    @staticmethod
+    def backward(ctx, g_w, g_s):  # type: ignore[override]
+        W, S, U, E, keep_w, keep_s, eta_total, w_coef, s_coef = ctx.saved_tensors
+        grad_w = g_w * keep_w[:, None, None]
+        grad_s = (g_s * eta_total[:, None, None]).addcmul_(g_w, keep_s[:, None, None])
+        back_w, back_s = torch.bmm(U, g_w), torch.bmm(U, g_s)  # [N, c, out]: U @ dL/dW', U @ dL/dS'
+        grad_E = -(back_w * w_coef[..., None] + back_s * s_coef[..., None])
+        grad_U = -torch.baddbmm(torch.bmm(E * w_coef[..., None], g_w.mT), E * s_coef[..., None], g_s.mT)
+        grad_w_coef, grad_s_coef = -(back_w * E).sum(-1), -(back_s * E).sum(-1)
+        return (grad_w, grad_s, grad_U, grad_E, _batched_dot(g_w, W), _batched_dot(g_w, S),
+                _batched_dot(g_s, S), grad_w_coef, grad_s_coef)
+
+
 def _chunk_step(
     q: Tensor,
     k: Tensor,
@@ -166,38 +203,40 @@ def _chunk_step(
     h = k
     for layer, w in enumerate(grad_weights):
         inputs.append(h)
-        z = h @ w
+        z = torch.bmm(h, w)
         pre.append(z)
         h = F.silu(z) if layer < depth - 1 else z
     # Closed-form backward of ||M(k) - v||^2: errors e_l = dLoss/dz_l, per token.
     err = 2 * (h - v)
     errors = [err] * depth
     for layer in range(depth - 1, 0, -1):
-        err = (err @ grad_weights[layer].mT) * _silu_derivative(pre[layer - 1])
+        err = torch.bmm(err, grad_weights[layer].mT) * _silu_derivative(pre[layer - 1])
         errors[layer - 1] = err
     if max_grad_norm is not None:
         # ||u (x) e||_F = ||u|| ||e||: the per-token gradient norm without forming it
         sq_norm = sum(u.pow(2).sum(-1) * e.pow(2).sum(-1) for u, e in zip(inputs, errors))
         theta = theta * grad_norm_scale(sq_norm, max_norm=max_grad_norm)
-    coef = gates.mix * theta[:, None, :]  # C[t, i]: the weight of G_i in W_t
+    neg_coef = gates.mix * -theta[:, None, :]  # -C[t, i]: G_i enters W_t with weight -C[t, i]
     keep_w, keep_s = gates.keep_w[:, :, None], gates.keep_s[:, :, None]
 
     # Queries through each token's own weights W_t (dual form).
     h = q
     for layer in range(depth):
         u, e = inputs[layer], errors[layer]
-        z = keep_w * (h @ weights[layer]) + keep_s * (h @ momentum[layer]) - (coef * (h @ u.mT)) @ e
+        read = (torch.bmm(h, weights[layer]) * keep_w).addcmul_(torch.bmm(h, momentum[layer]), keep_s)
+        z = torch.baddbmm(read, neg_coef * torch.bmm(h, u.mT), e)
         h = F.silu(z) if layer < depth - 1 else z
 
     # State after the chunk's last token.
-    w_coef = coef[:, -1, :, None]
-    s_coef = (gates.carry_last * theta)[:, :, None]
-    eta_total = gates.eta_total[:, None, None]
+    w_coef = -neg_coef[:, -1]
+    s_coef = gates.carry_last * theta
+    last_keep_w, last_keep_s = gates.keep_w[:, -1], gates.keep_s[:, -1]
     new_weights, new_momentum = [], []
     for layer in range(depth):
-        u, e = inputs[layer], errors[layer]
-        new_momentum.append(eta_total * momentum[layer] - u.mT @ (s_coef * e))
-        new_weights.append(keep_w[:, -1:] * weights[layer] + keep_s[:, -1:] * momentum[layer] - u.mT @ (w_coef * e))
+        new_w, new_s = _AdvanceState.apply(weights[layer], momentum[layer], inputs[layer], errors[layer],
+                                           last_keep_w, last_keep_s, gates.eta_total, w_coef, s_coef)
+        new_weights.append(new_w)
+        new_momentum.append(new_s)
     return h, new_weights, new_momentum
 
 
@@ -218,24 +257,20 @@ def chunked_memory_update(
     head = min((chunk_size - carry.position) % chunk_size, length)
     n_full = (length - head) // chunk_size
 
-    def chunks(t: Tensor) -> tuple[list[Tensor], Tensor]:
-        """[N, T, ...] -> its chunks, and the full chunks stacked [n_full, N, c, ...] (contiguous).
+    def chunks(t: Tensor) -> list[Tensor]:
+        """[N, T, ...] -> its chunks, the full ones made contiguous by one copy.
 
         One split and one copy: slicing per chunk would make autograd zero-fill a full-length
         gradient for every slice, quadratic in T.
         """
         first, body, tail = t.split([head, n_full * chunk_size, length - head - n_full * chunk_size], dim=1)
         body = body.unflatten(1, (n_full, chunk_size)).transpose(0, 1).contiguous()
-        return [first] * bool(head) + list(body.unbind(0)) + [tail] * bool(tail.shape[1]), body
+        return [first] * bool(head) + list(body.unbind(0)) + [tail] * bool(tail.shape[1])
 
-    q_chunks, k_chunks, v_chunks, theta_chunks = (chunks(t)[0] for t in (q, k, v, theta))
-    (eta_chunks, eta_body), (keep_chunks, keep_body) = chunks(log_eta), chunks(log_keep)
-    # The gates of all full chunks at once: only the memory itself is sequential.
-    body_gates = chunk_gates(eta_body, keep_body) if n_full else None
-    gates_of = [chunk_gates(eta_chunks[0], keep_chunks[0])] if head else []
-    gates_of += [ChunkGates(*g) for g in zip(*(x.unbind(0) for x in body_gates))] if n_full else []
-    if len(gates_of) < len(q_chunks):
-        gates_of.append(chunk_gates(eta_chunks[-1], keep_chunks[-1]))
+    q_chunks, k_chunks, v_chunks, theta_chunks, eta_chunks, keep_chunks = map(chunks, (q, k, v, theta, log_eta, log_keep))
+    # Gates chunk by chunk: batched over all chunks their [c, c] matrices would be large tensors,
+    # slow to allocate and to stream through memory; one chunk's stay in cache.
+    gates_of = [chunk_gates(e, k) for e, k in zip(eta_chunks, keep_chunks)]
 
     weights, momentum, chunk_start = list(carry.weights), list(carry.momentum), list(carry.chunk_start)
     position = carry.position
