@@ -20,8 +20,10 @@ Feature modes (``features``):
 
 from __future__ import annotations
 
+import ctypes
 import operator
 import os
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Generic, Literal, TypeVar
@@ -30,9 +32,10 @@ import numpy as np
 import pandas as pd
 import torch
 from lightning.pytorch import LightningDataModule
+from pandas.tseries.frequencies import to_offset
 from sklearn.preprocessing import StandardScaler
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from .time_features import infer_freq, normalize_freq, time_feature_names, time_features
 
@@ -127,9 +130,13 @@ def read_csv(path: str | os.PathLike[str]) -> pd.DataFrame:
         return pd.read_csv(path, encoding="latin-1")
 
 
+#: A sensible value of each integer argument, named in error messages.
+_EXAMPLES = {"lookback": 96, "horizon": 96, "batch_size": 32, "num_workers": 0}
+
+
 def _check_positive_int(name: str, value: Any, minimum: int = 1) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}; pass e.g. {name}={_EXAMPLES[name]}")
     return int(value)
 
 
@@ -172,6 +179,22 @@ def _extract_dates(df: pd.DataFrame, date_column: str | None) -> tuple[pd.Dateti
     return dates, used
 
 
+def _check_regular(dates: pd.DatetimeIndex, date_column: str | None) -> None:
+    """Refuse timestamps whose steps vary (gaps, mixed sampling): windows would span different durations."""
+    if len(dates) < 3 or pd.infer_freq(dates) is not None:
+        return
+    steps = dates[1:] - dates[:-1]
+    usual = pd.Series(steps).mode()[0]
+    row = int(np.flatnonzero(steps != usual)[0]) + 1
+    rule = to_offset(usual).freqstr
+    index = f"df.set_index({date_column!r})" if date_column else "df"
+    raise ValueError(
+        f"irregular timestamps: most steps are {usual}, but row {row} ({dates[row]}) comes {steps[row - 1]} after "
+        f"row {row - 1}; resample to a regular grid first (e.g. {index}.resample({rule!r}).mean(), then "
+        "fill_method='interpolate' repairs the gaps) or pass allow_irregular=True"
+    )
+
+
 def _select_channels(
     df: pd.DataFrame,
     date_column: str | None,
@@ -212,7 +235,10 @@ def _numeric_values(df: pd.DataFrame, channels: list[Any], fill_method: str | No
             f"non-numeric feature columns {bad[:10]}{' ...' if len(bad) > 10 else ''} (dtypes {dtypes}); convert them "
             "(e.g. pd.to_numeric) or leave them out (columns=[...] in TimeSeriesDataModule)"
         )
-    values = df[channels].to_numpy(dtype=np.float64, na_value=np.nan)
+    # na_value makes pandas copy the numbers twice; plain float columns already hold NaN for missing values.
+    nullable = any(isinstance(df[c].dtype, pd.api.extensions.ExtensionDtype) for c in channels)
+    values = (df[channels].to_numpy(dtype=np.float64, na_value=np.nan) if nullable
+              else df[channels].to_numpy(dtype=np.float64))
     finite = np.isfinite(values)
     if finite.all():
         return values
@@ -234,6 +260,34 @@ def _numeric_values(df: pd.DataFrame, channels: list[Any], fill_method: str | No
         empty = [channels[j] for j in np.flatnonzero(~np.isfinite(values).all(axis=0))]
         raise ValueError(f"columns {empty} have no valid values at all; drop them")
     return values
+
+
+def _return_freed_memory() -> None:
+    """Hand freed heap pages back to the OS (glibc only; a no-op elsewhere).
+
+    pandas 3 parses each CSV column into its own small block; glibc keeps those in its heap after
+    the frame is freed, so without this an 862-column file's frame stays resident beside the array.
+    """
+    if sys.platform != "linux":
+        return
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc (e.g. musl)
+        pass
+
+
+def _scaled_float32(values: np.ndarray, mean: np.ndarray, std: np.ndarray, rows_per_slice: int = 4096) -> np.ndarray:
+    """(values - mean) / std as a C-contiguous float32 array, computed in float64 a slice of rows at a time.
+
+    Same numbers as scaling the whole array at once, without a second float64 copy of the series
+    (on Traffic-sized files that copy was the largest item of the loading peak).
+    """
+    out = np.empty(values.shape, dtype=np.float32)
+    for start in range(0, len(values), rows_per_slice):
+        part = values[start : start + rows_per_slice] - mean
+        part /= std
+        out[start : start + rows_per_slice] = part
+    return out
 
 
 class _Loaded(Generic[_T]):
@@ -269,6 +323,8 @@ class _WindowDataModule(LightningDataModule):
     channel_names = _Loaded[list[Any]]("Names of x's channels, target last.")
     split_borders = _Loaded[dict[str, tuple[int, int]]]("Rows [start, end) of each split, lookback included.")
     time_feature_names = _Loaded[list[str]]("Names of the calendar features (empty when off).")
+    #: Accept timestamps with gaps or varying steps (windows are then counted in rows, not in time).
+    allow_irregular: bool = False
 
     def __init__(
         self,
@@ -334,8 +390,12 @@ class _WindowDataModule(LightningDataModule):
     def _load(self) -> None:
         df = self._read_frame()
         dates, used_date_column = _extract_dates(df, self.date_column)
+        if not self.allow_irregular:
+            _check_regular(dates, used_date_column)
         channels, target = _select_channels(df, used_date_column, self._columns(), self._target, self.features)
         values = _numeric_values(df, channels, self.fill_method)
+        del df  # a file's frame is no longer needed: free it before scaling (the peak on wide files)
+        _return_freed_memory()
 
         L, H = self.lookback, self.horizon
         n_rows = len(values)
@@ -365,11 +425,8 @@ class _WindowDataModule(LightningDataModule):
             mean = np.zeros(len(channels))
             std = np.ones(len(channels))
         # Keep only rows the protocol uses, as one C-contiguous float32 block.
-        scaled = values[:c] - mean
-        scaled /= std
+        self._data = _scaled_float32(values[:c], mean, std)
         del values
-        self._data = np.ascontiguousarray(scaled, dtype=np.float32)
-        del scaled
         self._dates = dates[:c]
         self._scaler = scaler
         self._scaler_mean = mean
@@ -403,12 +460,14 @@ class _WindowDataModule(LightningDataModule):
             datasets[split] = WindowDataset(self.data[start:end], self.lookback, self.horizon, ys, marks)
         self.train_dataset, self.val_dataset, self.test_dataset = (datasets[s] for s in SPLITS)
 
-    def _loader(self, dataset: WindowDataset | None, shuffle: bool, drop_last: bool) -> DataLoader:
+    def _loader(self, dataset: WindowDataset | None, shuffle: bool, drop_last: bool,
+                sampler: Sampler[int] | None = None) -> DataLoader:
         assert dataset is not None  # setup() ran
         return DataLoader(
             dataset,
             batch_size=self.batch_size,
             shuffle=shuffle,
+            sampler=sampler,
             drop_last=drop_last,
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,
@@ -423,12 +482,32 @@ class _WindowDataModule(LightningDataModule):
     def val_dataloader(self) -> DataLoader:
         """Validation windows in order, last partial batch kept."""
         self.setup()
-        return self._loader(self.val_dataset, shuffle=False, drop_last=False)
+        return self._loader(self.val_dataset, shuffle=False, drop_last=False,
+                            sampler=self._unpadded_rank_sampler(self.val_dataset))
 
     def test_dataloader(self) -> DataLoader:
         """Test windows in order, last partial batch kept."""
         self.setup()
-        return self._loader(self.test_dataset, shuffle=False, drop_last=False)
+        return self._loader(self.test_dataset, shuffle=False, drop_last=False,
+                            sampler=self._unpadded_rank_sampler(self.test_dataset))
+
+    def _unpadded_rank_sampler(self, dataset: WindowDataset | None) -> Sampler[int] | None:
+        """Under multi-process training (DDP), this rank's share of an evaluation split, without padding.
+
+        Lightning's DistributedSampler repeats up to world_size - 1 windows so that every rank gets
+        as many batches; in validation and test metrics those windows would count twice. Evaluation
+        synchronises no gradients, so ranks may differ by one batch and every window is scored
+        exactly once (the metrics then equal a single process's). None on a single process.
+        """
+        trainer = self.trainer
+        kwargs = trainer.distributed_sampler_kwargs if trainer is not None else None
+        # Lightning's own switch (use_distributed_sampler=False: the user shards the data) is private.
+        connector = getattr(trainer, "_accelerator_connector", None)
+        if not kwargs or kwargs.get("num_replicas", 1) < 2 or not getattr(connector, "use_distributed_sampler", True):
+            return None
+        from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
+
+        return UnrepeatedDistributedSampler(dataset, shuffle=False, **kwargs)
 
     def predict_dataloader(self) -> DataLoader:
         """The test windows, in order (for ``Trainer.predict``)."""
@@ -558,6 +637,8 @@ class TimeSeriesDataModule(_WindowDataModule):
             (linear); ``None`` refuses such data.
         drop_last: drop the last partial training batch.
         pin_memory: DataLoader ``pin_memory``.
+        allow_irregular: accept timestamps with gaps or varying steps; by default such data is refused
+            (resample it to a regular grid first).
     """
 
     def __init__(
@@ -581,7 +662,9 @@ class TimeSeriesDataModule(_WindowDataModule):
         fill_method: FillMethod | None = None,
         drop_last: bool = False,
         pin_memory: bool = False,
+        allow_irregular: bool = False,
     ) -> None:
+        self.allow_irregular = allow_irregular
         super().__init__(
             lookback=lookback, horizon=horizon, features=features, target=target, date_column=date_column,
             batch_size=batch_size, num_workers=num_workers, scale=scale, time_features=time_features,

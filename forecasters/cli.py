@@ -3,8 +3,7 @@
     titans-ts fit --config configs/etth1/mac.yaml                 # train, test the best checkpoint, log to MLflow
     titans-ts fit --config configs/etth1/mac.yaml --config configs/quick.yaml --model.variant mag --data.horizon 336
     titans-ts test --config configs/etth1/mac.yaml --ckpt_path checkpoints/<run_id>/best-....ckpt
-    titans-ts fit --config configs/etth1/mac.yaml --ckpt_path checkpoints/<run_id>/last.ckpt
-        --trainer.logger.init_args.run_id <run_id>                # (one line) resume in the same MLflow run
+    titans-ts fit --config configs/etth1/mac.yaml --ckpt_path last   # resume the latest fit, in its MLflow run
     titans-ts predict --config configs/etth1/mac.yaml --ckpt_path ... --predictions_path forecasts.npz
     titans-ts compare --experiment titans-ts --chart runs.png      # table (and chart) of the logged runs
     titans-ts fit --config configs/etth1/mac.yaml --print_config  # the resolved config
@@ -23,20 +22,24 @@ starts, matplotlib when a figure is drawn, so ``--help`` stays quick.
 from __future__ import annotations
 
 import argparse
+import inspect
 import sys
 import warnings
 from pathlib import Path
 from typing import Any
 
 import yaml
+from jsonargparse import Namespace
 from lightning.pytorch import LightningDataModule, LightningModule, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 
 # Imported so that short names resolve: --data ETTh1DataModule (jsonargparse knows imported subclasses).
 import datamodules  # noqa: F401
+from forecasters.checkpointing import LAST_CHECKPOINT, find_last_checkpoint, read_checkpoint, use_atomic_checkpoints
 from forecasters.module import TitansForecastingModule
 from forecasters.tracking import DEFAULT_EXPERIMENT, TitansMLFlowLogger, dataset_name, run_tags
+from forecasters.validation import check_checkpoint_fits
 
 __all__ = ["MLflowSaveConfigCallback", "TitansCLI", "compare_main", "main", "run_cli"]
 
@@ -146,19 +149,56 @@ class TitansCLI(LightningCLI):
     def _parse_ckpt_path(self) -> None:
         # LightningCLI re-reads the model's hyperparameters from --ckpt_path; the linked ones come from
         # the data module and must not be given twice, so drop them from what the checkpoint offers.
-        ckpt_path = self.config[self.config.subcommand].get("ckpt_path") if self.config.get("subcommand") else None
-        if not ckpt_path or not Path(ckpt_path).is_file():
-            return
-        import torch
-
-        hparams = torch.load(ckpt_path, weights_only=True, map_location="cpu").get("hyper_parameters", {})
+        subcommand = self.config.get("subcommand")
+        ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
+        if ckpt_path == "last":
+            ckpt_path = self._resolve_last_checkpoint(subcommand)
+        if not ckpt_path or ckpt_path in ("best", "last", "hpc") or "://" in str(ckpt_path):
+            return  # left to Lightning
+        if not Path(ckpt_path).is_file():
+            raise FileNotFoundError(f"no checkpoint file at --ckpt_path {ckpt_path}; pass a .ckpt written by `titans-ts "
+                                    "fit` (under checkpoints/<run_id>/) or --ckpt_path last to resume the latest fit")
+        hparams = read_checkpoint(ckpt_path).get("hyper_parameters") or {}
         hparams = {k: v for k, v in hparams.items() if k not in LINKED_FROM_DATA and not k.startswith("_")}
+        unknown = sorted(set(hparams) - set(inspect.signature(TitansForecastingModule.__init__).parameters))
+        if unknown:
+            raise ValueError(f"{ckpt_path} is a checkpoint of another model: its hyperparameters {unknown[:5]} are not "
+                             "TitansForecastingModule's; pass a checkpoint written by `titans-ts fit`")
         if hparams:
             try:
-                self.config = self.parser.parse_object({self.config.subcommand: {"model": hparams}}, self.config)
+                self.config = self.parser.parse_object({subcommand: {"model": hparams}}, self.config)
             except SystemExit:
                 sys.stderr.write(f"The hyperparameters stored in {ckpt_path} do not fit this model's arguments.\n")
                 raise
+
+    def _resolve_last_checkpoint(self, subcommand: str) -> str | None:
+        """``--ckpt_path last``: ``checkpoints/<run_id>/last.ckpt`` of the given or the most recent run.
+
+        A fit resumed this way continues that MLflow run (its id names the folder). Without the MLflow
+        logger, or with a ModelCheckpoint writing to a folder of its own, Lightning resolves "last" itself.
+        """
+        config = self.config[subcommand]
+        logger = config.trainer.get("logger")
+        ours = isinstance(logger, Namespace) and str(logger.get("class_path", "")).endswith("TitansMLFlowLogger")
+        own_folder = any(isinstance(c, Namespace) and c.get("init_args") is not None and c.init_args.get("dirpath")
+                         for c in config.trainer.get("callbacks") or [])
+        if not ours or own_folder:
+            return "last"
+        run_id = logger.init_args.get("run_id")
+        root = Path(config.trainer.get("default_root_dir") or Path.cwd())
+        path = find_last_checkpoint(root, run_id)
+        if path is None:
+            where = root / "checkpoints" / (run_id or "*") / LAST_CHECKPOINT
+            if subcommand != "fit":
+                raise FileNotFoundError(f"--ckpt_path last: no {where}; pass the checkpoint's path instead")
+            warnings.warn(f"--ckpt_path last: no {where} yet, so this fit starts from scratch")
+            config.ckpt_path = None
+            return None
+        config.ckpt_path = str(path)
+        if subcommand == "fit" and run_id is None:
+            logger.init_args.run_id = path.parent.name  # resume in the same MLflow run
+        print(f"Resuming from {path}" if subcommand == "fit" else f"Using {path}", flush=True)
+        return str(path)
 
     # --- helpers -----------------------------------------------------------------------------
     def _mlflow_logger(self) -> TitansMLFlowLogger | None:
@@ -166,6 +206,7 @@ class TitansCLI(LightningCLI):
 
     def _start_run(self, stage: str) -> TitansMLFlowLogger | None:
         """Create the MLflow run now, with its tags, so checkpoints can be filed under its id."""
+        self._check_checkpoint()  # a checkpoint that cannot load fails here, before a run exists
         logger = self._mlflow_logger()
         if logger is None or not self.trainer.is_global_zero:
             return logger
@@ -191,6 +232,29 @@ class TitansCLI(LightningCLI):
 
     def _option(self, key: str, default: Any) -> Any:
         return self.config.get(str(self.subcommand), self.config).get(key, default)
+
+    def _check_checkpoint(self) -> None:
+        ckpt_path = self._option("ckpt_path", None)
+        if ckpt_path and Path(ckpt_path).is_file():
+            check_checkpoint_fits(read_checkpoint(ckpt_path), self.model.hparams, set(self.model.state_dict()),
+                                  source=str(ckpt_path))
+
+    def instantiate_trainer(self, **kwargs: Any) -> Trainer:
+        """The configured Trainer, writing checkpoints atomically (see :mod:`forecasters.checkpointing`)."""
+        trainer = super().instantiate_trainer(**kwargs)
+        use_atomic_checkpoints(trainer)
+        return trainer
+
+    def _run_subcommand(self, subcommand: str) -> None:
+        try:
+            super()._run_subcommand(subcommand)
+        except BaseException:
+            # Lightning marks the run FAILED for errors inside trainer calls; this also covers the CLI's own
+            # steps (e.g. logging the model after fit). The logger reads the exception being handled.
+            logger = self._mlflow_logger()
+            if logger is not None and logger.started and self.trainer.is_global_zero:
+                logger.finalize("failed")
+            raise
 
     # --- subcommand hooks ----------------------------------------------------------------------
     def before_fit(self) -> None:

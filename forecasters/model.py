@@ -103,7 +103,9 @@ class TitansForecastModel(nn.Module):
         """
         if x.dim() != 3 or x.shape[1:] != (self.lookback, self.n_channels):
             raise ValueError(
-                f"expected a window of shape [batch, {self.lookback}, {self.n_channels}], got {tuple(x.shape)}"
+                f"expected a window of shape [batch, {self.lookback}, {self.n_channels}], got {tuple(x.shape)}; "
+                "pass windows with the lookback and channels the model was built for (the same columns and "
+                "features as at fit)"
             )
         batch = x.shape[0]
         if self.revin is not None:

@@ -9,8 +9,9 @@ import torch
 from torch import Tensor
 from torchmetrics import MeanAbsoluteError, MeanSquaredError
 
-from forecasters.model import TitansForecastModel
-from titans_ts.backbone import Variant
+from forecasters.checkpointing import capture_rng_states, restore_rng_states
+from forecasters.baselines import ModelName, build_forecast_model
+from forecasters.validation import check_checkpoint_fits, validate_hparams
 
 LossName = Literal["mse", "mae", "quantile"]
 
@@ -24,10 +25,20 @@ def pinball_loss(pred: Tensor, target: Tensor, quantiles: Tensor) -> Tensor:
 class TitansForecastingModule(pl.LightningModule):
     """Forecast H steps of every target channel from L past steps with a Titans backbone.
 
+    `variant` is a Titans variant (mac, mag, mal, lmm) or a baseline trained by the same harness:
+    `patchtst` (the same patch model on a plain transformer) or `dlinear` (two linear maps; of the
+    architecture arguments it uses only `moving_avg` and `revin`). See :mod:`forecasters.baselines`.
+
     Logs `train_loss`, `val_loss`, `val_mse`, `val_mae`, `test_mse`, `test_mae` (on the scale the
     data module serves: scaled data for the benchmarks, as the literature reports). The scaler's
     statistics are kept as buffers (`target_mean`, `target_std`) so a checkpoint alone turns
     forecasts back into original units; they are taken from the data module at fit time.
+
+    Scale-out: losses are averaged over processes (``sync_dist``) and the metrics sync themselves, so
+    under DDP every rank logs the global value. ``compile=True`` runs the network through
+    ``torch.compile`` inside a Trainer (compiled on the first batch; a checkpoint loaded for serving
+    or export runs eagerly). Mixed precision is the Trainer's ``precision="bf16-mixed"``; the
+    memory's fast-weight recurrence stays in float32 under it.
     """
 
     def __init__(
@@ -36,7 +47,7 @@ class TitansForecastingModule(pl.LightningModule):
         lookback: int = 96,
         horizon: int = 96,
         n_targets: int | None = None,
-        variant: Variant = "mac",
+        variant: ModelName = "mac",
         dim: int = 64,
         n_layers: int = 2,
         heads: int = 4,
@@ -53,26 +64,20 @@ class TitansForecastingModule(pl.LightningModule):
         patch_stride: int = 8,
         channel_independent: bool = True,
         revin: bool = True,
+        moving_avg: int = 25,
         loss: LossName = "mse",
         quantiles: tuple[float, ...] = (0.1, 0.5, 0.9),
         lr: float = 1e-3,
         weight_decay: float = 1e-4,
         cosine_schedule: bool = True,
+        compile: bool = False,
     ) -> None:
         super().__init__()
-        if loss not in ("mse", "mae", "quantile"):
-            raise ValueError(f"loss must be 'mse', 'mae' or 'quantile', got {loss!r}")
-        if loss == "quantile":
-            if not quantiles or any(not 0.0 < q < 1.0 for q in quantiles) or 0.5 not in quantiles:
-                raise ValueError(f"quantiles must lie in (0, 1) and include 0.5 (the point forecast), got {quantiles}")
-        if lr <= 0:
-            raise ValueError(f"lr must be positive, got {lr}")
-        if weight_decay < 0:
-            raise ValueError(f"weight_decay must be >= 0, got {weight_decay}")
         self.save_hyperparameters()
+        validate_hparams(self.hparams)  # before any layer is built, with messages that name the fix
         n_targets = n_channels if n_targets is None else n_targets
-        self.model = TitansForecastModel(
-            n_channels, lookback, horizon, n_targets, variant=variant, dim=dim, n_layers=n_layers, heads=heads,
+        self.model = build_forecast_model(
+            variant, n_channels, lookback, horizon, n_targets, moving_avg=moving_avg, dim=dim, n_layers=n_layers, heads=heads,
             memory_depth=memory_depth, chunk_size=chunk_size, max_lr=max_lr, max_grad_norm=max_grad_norm,
             window=window, segment_len=segment_len, n_persistent=n_persistent, ff_mult=ff_mult, dropout=dropout,
             patch_len=patch_len, patch_stride=patch_stride, channel_independent=channel_independent, revin=revin,
@@ -119,6 +124,10 @@ class TitansForecastingModule(pl.LightningModule):
         datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
         if stage == "fit" and datamodule is not None and hasattr(datamodule, "target_mean"):
             self.set_scaler(datamodule.target_mean, datamodule.target_std)
+        # Compiled in a Trainer stage only (setup, unlike configure_model, is not run by
+        # load_from_checkpoint): a module loaded for serving, pickling or torch.export stays eager.
+        if self.hparams.get("compile") and getattr(self.model, "_compiled_call_impl", None) is None:
+            self.model.compile()
 
     def on_fit_start(self) -> None:
         # a validate()/test() before fit leaves the metric states as inference tensors; renew them
@@ -142,8 +151,33 @@ class TitansForecastingModule(pl.LightningModule):
                 f"training loss became {loss.item()} at step {self.global_step} (epoch {self.current_epoch}, "
                 f"batch {batch_idx}); lower the learning rate (lr={self.hparams.lr}) or max_lr, or set max_grad_norm"
             )
-        self.log("train_loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=x.shape[0])
+        self.log("train_loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=x.shape[0], sync_dist=True)
         return loss
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        # A finite loss can still overflow in backward; stop before the step writes NaN into the weights.
+        grads = [(name, p.grad) for name, p in self.named_parameters() if p.grad is not None]
+        if grads and not torch.isfinite(torch.stack([torch.linalg.vector_norm(g) for _, g in grads]).sum()):
+            name = next(name for name, g in grads if not torch.isfinite(g).all())
+            raise FloatingPointError(
+                f"the gradient of {name} became non-finite at step {self.global_step} (epoch {self.current_epoch}); "
+                f"lower the learning rate (lr={self.hparams.lr}) or max_lr, or set max_grad_norm"
+            )
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        bad = next((k for k, v in checkpoint["state_dict"].items() if v.is_floating_point() and not v.isfinite().all()),
+                   None)
+        if bad is not None:
+            raise FloatingPointError(f"refusing to write a checkpoint whose weight {bad} is NaN or inf (step "
+                                     f"{self.global_step}); lower the learning rate (lr={self.hparams.lr}) or max_lr")
+        # The random generators, so a resumed fit draws the same batches and dropout masks as an uninterrupted one.
+        checkpoint["rng_states"] = capture_rng_states()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        check_checkpoint_fits(checkpoint, self.hparams, set(self.state_dict()))
+        resuming_fit = self._trainer is not None and self.trainer.state.fn == "fit"
+        if resuming_fit and "rng_states" in checkpoint:
+            restore_rng_states(checkpoint["rng_states"])
 
     def _evaluate(self, batch: tuple[Tensor, ...], mse: MeanSquaredError, mae: MeanAbsoluteError, stage: str) -> None:
         x, y = batch[0], batch[1]
@@ -151,7 +185,7 @@ class TitansForecastingModule(pl.LightningModule):
         pred = self._point(out).contiguous()
         mse.update(pred, y)
         mae.update(pred, y)
-        self.log(f"{stage}_loss", self._loss(out, y), batch_size=x.shape[0])
+        self.log(f"{stage}_loss", self._loss(out, y), batch_size=x.shape[0], sync_dist=True)
         self.log(f"{stage}_mse", mse, prog_bar=True, batch_size=x.shape[0])
         self.log(f"{stage}_mae", mae, prog_bar=True, batch_size=x.shape[0])
 
@@ -163,6 +197,9 @@ class TitansForecastingModule(pl.LightningModule):
 
     def predict_step(self, batch: tuple[Tensor, ...] | Tensor, batch_idx: int) -> dict[str, Tensor]:
         x = batch[0] if isinstance(batch, (tuple, list)) else batch
+        if not torch.isfinite(x).all():
+            raise ValueError(f"predict batch {batch_idx} contains NaN or inf inputs, which would give NaN forecasts; "
+                             "clean or impute the data first (the data modules take fill_method='ffill' or 'interpolate')")
         pred = self(x)
         return {"forecast": pred, "forecast_original_units": self.to_original_units(pred)}
 

@@ -34,7 +34,7 @@ from torch.utils.data import ConcatDataset, DataLoader
 
 from datamodules.base import WindowDataset
 from forecasters.module import TitansForecastingModule
-from titans_ts.backbone import VARIANTS
+from forecasters.validation import check_int, validate_hparams
 from titans_ts.memory import MemoryState
 
 __all__ = ["TitansForecaster"]
@@ -256,6 +256,16 @@ class TitansForecaster(BaseForecaster):
     # ------------------------------------------------------------------------------------------
     # sktime interface
     # ------------------------------------------------------------------------------------------
+    def fit(self, y: Any, X: Any = None, fh: Any = None) -> TitansForecaster:
+        """sktime's ``fit``, after :func:`_check_time_series` (clearer errors than the generic conversion ones)."""
+        _check_time_series(y, type(self).__name__)
+        return super().fit(y, X=X, fh=fh)
+
+    def update(self, y: Any, X: Any = None, update_params: bool = True) -> TitansForecaster:
+        """sktime's ``update``, after the same checks as ``fit``."""
+        _check_time_series(y, type(self).__name__)
+        return super().update(y, X=X, update_params=update_params)
+
     def _fit(self, y: pd.DataFrame, X: pd.DataFrame | None = None, fh: ForecastingHorizon | None = None):
         """Train the network on windows of y (all instances), then stream y into the memory."""
         self._check_params()
@@ -560,34 +570,15 @@ class TitansForecaster(BaseForecaster):
         return out
 
     def _check_values(self, y: pd.DataFrame, name: str) -> None:
-        bad = [c for c in y.columns if not (pd.api.types.is_numeric_dtype(y[c]) or pd.api.types.is_bool_dtype(y[c]))]
-        if bad:
-            raise TypeError(
-                f"{type(self).__name__} forecasts numeric series only, but {name} has non-numeric columns "
-                f"{bad[:5]} (dtypes {[str(y[c].dtype) for c in bad[:5]]}); drop or encode them"
-            )
-        values = y.to_numpy(dtype=np.float64)
-        if not np.isfinite(values).all():
-            raise ValueError(
-                f"{type(self).__name__} cannot handle missing or infinite values, but {name} contains "
-                f"{int((~np.isfinite(values)).sum())} of them; impute first (e.g. sktime's Imputer in a pipeline)"
-            )
+        _check_values(y, name, type(self).__name__)
 
     def _check_params(self) -> None:
-        if self.variant not in VARIANTS:
-            raise ValueError(f"variant must be one of {VARIANTS}, got {self.variant!r}")
-        for name in ("lookback", "dim", "n_layers", "heads", "memory_depth", "chunk_size", "patch_len",
-                     "patch_stride", "max_epochs", "batch_size"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
-        if isinstance(self.finetune_epochs, bool) or not isinstance(self.finetune_epochs, (int, np.integer)) \
-                or self.finetune_epochs < 0:
-            raise ValueError(f"finetune_epochs must be an integer >= 0, got {self.finetune_epochs!r}")
-        if self.patch_len > self.lookback:
-            raise ValueError(f"patch_len ({self.patch_len}) must not exceed lookback ({self.lookback})")
-        if self.loss not in ("mse", "mae", "quantile"):
-            raise ValueError(f"loss must be 'mse', 'mae' or 'quantile', got {self.loss!r}")
+        # The network's arguments are checked by the module's own validator, before any data is touched.
+        network_args = {name: getattr(self, name) for name in _OWN_MODEL_ARGS if hasattr(self, name)}
+        validate_hparams({**(self.model_kwargs or {}), **network_args})
+        check_int("max_epochs", self.max_epochs, 1, "training epochs; e.g. 20")
+        check_int("batch_size", self.batch_size, 1, "windows per training batch; e.g. 32")
+        check_int("finetune_epochs", self.finetune_epochs, 0, "epochs of fine-tuning in update; 0 = memory update only")
         if self.loss == "quantile":
             q = list(self.quantiles)
             if len(q) < 2 or 0.5 not in q or any(not 0.0 < v < 1.0 for v in q) or len(set(q)) != len(q):
@@ -642,6 +633,57 @@ class TitansForecaster(BaseForecaster):
 # ----------------------------------------------------------------------------------------------
 # helpers
 # ----------------------------------------------------------------------------------------------
+def _check_values(y: pd.DataFrame, name: str, owner: str) -> None:
+    """Numeric columns only, and no NaN or inf values."""
+    bad = [c for c in y.columns if not (pd.api.types.is_numeric_dtype(y[c]) or pd.api.types.is_bool_dtype(y[c]))]
+    if bad:
+        raise TypeError(
+            f"{owner} forecasts numeric series only, but {name} has non-numeric (categorical or text) columns "
+            f"{bad[:5]} (dtypes {[str(y[c].dtype) for c in bad[:5]]}); drop or encode them"
+        )
+    values = y.to_numpy(dtype=np.float64)
+    finite = np.isfinite(values)
+    if not finite.all():
+        first = y.index[np.flatnonzero(~finite.all(axis=1))[0]]
+        raise ValueError(
+            f"{owner} cannot handle missing data or infinite values, but {name} contains {int((~finite).sum())} "
+            f"(first at {first}); impute first, e.g. TransformedTargetForecaster([('impute', Imputer(method='ffill')), "
+            f"('forecast', {owner}(...))])"
+        )
+
+
+def _check_time_series(y: Any, owner: str) -> None:
+    """Refuse empty, gappy (NaN) or unordered pandas input with a message naming the fix.
+
+    sktime finds these too, but reports them as "missing data" or "not in an sktime compatible
+    format" (or fails on an empty frame). Other input types are left to sktime's checks.
+    """
+    if not isinstance(y, (pd.Series, pd.DataFrame)):
+        return
+    if len(y) == 0:
+        raise ValueError(f"{owner} got an empty y; pass a series of at least lookback + max(fh) values")
+    frame = y.to_frame() if isinstance(y, pd.Series) else y
+    # Object columns may be sktime's nested panel format (a series per cell): only text is refused here.
+    text = [c for c in frame.columns if isinstance(frame[c].dtype, pd.CategoricalDtype)
+            or pd.api.types.is_string_dtype(frame[c]) and frame[c].map(lambda v: isinstance(v, str)).any()]
+    if text:
+        raise TypeError(f"{owner} forecasts numeric series only, but y has non-numeric (categorical or text) columns "
+                        f"{text[:5]}; drop or encode them")
+    numeric = frame.select_dtypes("number")
+    if not numeric.empty:
+        _check_values(numeric, "y", owner)
+    instances = [y] if not isinstance(y.index, pd.MultiIndex) else [g for _, g in y.groupby(
+        level=list(range(y.index.nlevels - 1)), sort=False)]
+    for part in instances:
+        time = part.index.get_level_values(-1)
+        if not time.is_monotonic_increasing:
+            raise ValueError(f"{owner} needs y sorted by time, but its time index is not; sort it first "
+                             "(y.sort_index())")
+        if not time.is_unique:
+            raise ValueError(f"{owner} got duplicated time points in y (e.g. {time[time.duplicated()][0]}); drop or "
+                             "aggregate them first (e.g. y.groupby(level=-1).mean())")
+
+
 class _KeepBestWeights(Callback):
     """Keeps the weights of the best validation epoch in memory (no checkpoint files)."""
 

@@ -22,8 +22,10 @@ from __future__ import annotations
 import contextlib
 import os
 import subprocess
+import sys
 import tempfile
 import time
+import traceback
 from argparse import Namespace
 from collections.abc import Mapping
 from pathlib import Path
@@ -44,6 +46,7 @@ __all__ = [
     "DEFAULT_EXPERIMENT",
     "DEFAULT_TRACKING_URI",
     "TitansMLFlowLogger",
+    "check_tracking_server",
     "compare_runs",
     "dataset_name",
     "flatten_config",
@@ -68,6 +71,36 @@ def resolve_tracking_uri(tracking_uri: str | None = None) -> str:
     """
     uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
     return uri if uri else f"sqlite:///{Path.cwd() / DEFAULT_DB_FILE}"
+
+
+#: Seconds to wait for a tracking server to answer before giving up (MLflow itself retries for minutes).
+SERVER_PROBE_TIMEOUT_S = 5.0
+
+
+def check_tracking_server(tracking_uri: str, timeout: float | None = None) -> None:
+    """For an ``http(s)://`` store, fail fast with a clear ConnectionError when nothing answers there.
+
+    Waits ``timeout`` seconds at most (default :data:`SERVER_PROBE_TIMEOUT_S`). Any HTTP answer (even
+    an error status) counts as reachable; other stores are not probed.
+    """
+    if not tracking_uri.startswith(("http://", "https://")):
+        return
+    timeout = SERVER_PROBE_TIMEOUT_S if timeout is None else timeout
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(f"{tracking_uri.rstrip('/')}/health", timeout=timeout):
+            return
+    except urllib.error.HTTPError:
+        return  # the server answered
+    except (OSError, ValueError) as exc:  # URLError, refused, timeout, bad host
+        reason = getattr(exc, "reason", exc)
+        raise ConnectionError(
+            f"the MLflow tracking server {tracking_uri} is unreachable ({reason}); start it (mlflow server "
+            "--backend-store-uri sqlite:///mlflow.db --port <port>), fix the URI (--trainer.logger.init_args."
+            "tracking_uri or $MLFLOW_TRACKING_URI), or turn tracking off with --trainer.logger false"
+        ) from exc
 
 
 def git_commit(path: str | os.PathLike[str] | None = None) -> str:
@@ -175,6 +208,8 @@ class TitansMLFlowLogger(MLFlowLogger):
         self.log_forecast_model = log_forecast_model
         self.model_format = model_format
         self.plot_windows = plot_windows
+        self._failure_logged = False
+        self._server_checked = False
 
     @property
     def experiment_name(self) -> str:
@@ -185,6 +220,36 @@ class TitansMLFlowLogger(MLFlowLogger):
     def tracking_uri(self) -> str:
         """The MLflow store this logger writes to."""
         return self._tracking_uri
+
+    @property
+    def experiment(self) -> Any:
+        """The MLflow client; the first use checks that an ``http(s)://`` server answers (see :func:`check_tracking_server`)."""
+        if not self._server_checked and rank_zero_only.rank == 0:
+            check_tracking_server(self._tracking_uri)
+            self._server_checked = True
+        return super().experiment
+
+    def finalize(self, status: str = "success") -> None:
+        """End the run. On ``"failed"`` (Lightning's status when a trainer call raises) the exception being
+        handled is recorded first: see :meth:`log_failure`."""
+        if status == "failed" and self._initialized:
+            self.log_failure(sys.exc_info()[1])
+        super().finalize(status)
+
+    def log_failure(self, error: BaseException | None) -> None:
+        """Record why the run failed: the tag ``error`` (type and message) and the artifact ``traceback.txt``.
+
+        Once per run; a store that cannot be written to only gets a warning, so the original error is the
+        one that surfaces.
+        """
+        if error is None or self._failure_logged or not self._initialized:
+            return
+        self._failure_logged = True
+        try:
+            self.experiment.set_tag(self.run_id, "error", f"{type(error).__name__}: {error}"[:_MAX_PARAM_VALUE])
+            self.experiment.log_text(self.run_id, "".join(traceback.format_exception(error)), "traceback.txt")
+        except Exception as exc:  # noqa: BLE001 - never mask the training error
+            rank_zero_warn(f"could not record the failure in MLflow run {self.run_id}: {exc}")
 
     @property
     def started(self) -> bool:
@@ -362,6 +427,7 @@ def compare_runs(experiment: str = DEFAULT_EXPERIMENT, tracking_uri: str | None 
     import pandas as pd
 
     uri = resolve_tracking_uri(tracking_uri)
+    check_tracking_server(uri)
     client = mlflow.MlflowClient(uri)
     found = client.get_experiment_by_name(experiment)
     if found is None:

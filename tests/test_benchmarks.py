@@ -26,3 +26,45 @@ def test_context_scaling_quick(tmp_path):
     summary = json.loads(out.read_text())
     assert {r["model"] for r in summary["records"]} == {"mac", "lmm", "attention"}
     assert out.with_suffix(".png").exists()
+
+
+def synthetic_etth1(folder: Path) -> Path:
+    """A file with ETTh1's schema and length, so the smoke passes never need the real data or a download."""
+    import numpy as np
+    import pandas as pd
+
+    t = np.arange(14400)
+    values = np.sin(2 * np.pi * t[:, None] / 24 + np.arange(7)) + 0.1 * np.random.default_rng(0).standard_normal((14400, 7))
+    frame = pd.DataFrame(values, columns=["HUFL", "HULL", "MUFL", "MULL", "LUFL", "LULL", "OT"])
+    frame.insert(0, "date", pd.date_range("2016-07-01", periods=14400, freq="h").strftime("%Y-%m-%d %H:%M:%S"))
+    folder.mkdir(parents=True, exist_ok=True)
+    frame.to_csv(folder / "ETTh1.csv", index=False)
+    return folder
+
+
+def test_accuracy_quick_writes_records_and_resumes(tmp_path):
+    out, data = tmp_path / "accuracy.json", synthetic_etth1(tmp_path / "data")
+    args = ("--out", str(out), "--data_dir", str(data), "--workdir", str(tmp_path / "work"),
+            "--tracking_uri", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    run_script("accuracy.py", *args)
+    records = json.loads(out.read_text())
+    assert [(r["dataset"], r["model"], r["lookback"], r["horizon"], r["seed"]) for r in records] == [
+        ("etth1", "mac", 96, 96, 0), ("etth1", "dlinear", 96, 96, 0)]
+    assert all(r["test_mse"] > 0 and r["test_mae"] > 0 and r["epoch_seconds"] > 0 and r["mlflow_run_id"] for r in records)
+    assert all(r["n_test_windows"] == 2 * 32 for r in records)  # two test batches of 32 in the smoke pass
+    assert out.with_suffix(".png").exists() and "| mac |" in (tmp_path / "accuracy_summary.md").read_text()
+    run_script("accuracy.py", *args, "--resume")  # every cell is done: nothing runs, nothing is duplicated
+    assert json.loads(out.read_text()) == records
+
+
+def test_streaming_quick(tmp_path):
+    out = tmp_path / "streaming.json"
+    run_script("streaming.py", "--out", str(out), "--data_dir", str(synthetic_etth1(tmp_path / "data")))
+    result = json.loads(out.read_text())
+    assert [b["position"] for b in result["cost"]["buckets"]] == [0, 500, 1000]
+    assert all(b["ms_median"] > 0 for b in result["cost"]["buckets"])
+    carried, reset = result["accuracy"]["etth1"]
+    assert (carried["carry_memory"], reset["carry_memory"]) == (True, False)
+    assert carried["n_test_windows"] == reset["n_test_windows"] == 30
+    assert carried["test_mse"] != reset["test_mse"]  # the carried memory does change the forecasts
+    assert out.with_suffix(".png").exists()

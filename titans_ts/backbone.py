@@ -11,9 +11,12 @@ from titans_ts.mac import MACBlock
 from titans_ts.mag import MAGBlock
 from titans_ts.mal import MALBlock
 from titans_ts.memory import MemoryState
+from titans_ts.transformer import TransformerBlock
 
-Variant = Literal["mac", "mag", "mal", "lmm"]
+Variant = Literal["mac", "mag", "mal", "lmm", "transformer"]
 VARIANTS: tuple[str, ...] = ("mac", "mag", "mal", "lmm")
+#: The Titans variants and a plain transformer (no memory), the attention baseline.
+BACKBONES: tuple[str, ...] = (*VARIANTS, "transformer")
 
 
 class TitansBackbone(nn.Module):
@@ -22,7 +25,8 @@ class TitansBackbone(nn.Module):
     - mac: memory as context (segments attend over [persistent | memory history | segment]);
     - mag: memory as gate (sliding-window attention beside the memory, gated);
     - mal: memory as layer (memory, then sliding-window attention);
-    - lmm: the memory alone.
+    - lmm: the memory alone;
+    - transformer: full self-attention, no memory (a baseline; states pass through as None).
 
     `forward(x, states=None)` returns `(y, states)`, one `MemoryState` per layer, so a stream can
     be continued: the memories carry over; attention sees only the current call's tokens.
@@ -47,8 +51,8 @@ class TitansBackbone(nn.Module):
         dropout: float = 0.0,
     ) -> None:
         super().__init__()
-        if variant not in VARIANTS:
-            raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
+        if variant not in BACKBONES:
+            raise ValueError(f"variant must be one of {BACKBONES}, got {variant!r}")
         if n_layers < 1:
             raise ValueError(f"n_layers must be >= 1, got {n_layers}")
         if window < 1:
@@ -66,7 +70,10 @@ class TitansBackbone(nn.Module):
             "mag": (MAGBlock, dict(heads=heads, window=window, n_persistent=n_persistent)),
             "mal": (MALBlock, dict(heads=heads, window=window, n_persistent=n_persistent)),
             "lmm": (LMMBlock, {}),
+            "transformer": (TransformerBlock, dict(heads=heads)),
         }[variant]
+        if variant == "transformer":
+            common.pop("memory")
         self.blocks = nn.ModuleList(block(**common, **extra) for _ in range(n_layers))
         self.norm = nn.RMSNorm(dim)
 

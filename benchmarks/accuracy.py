@@ -1,0 +1,404 @@
+"""Accuracy on ETTh1 and ETTh2 under the standard long-horizon protocol, against baselines trained by
+the same harness, and the lookback study.
+
+    .venv/bin/python benchmarks/accuracy.py --resume                 # the main grid (or what is left of it)
+    .venv/bin/python benchmarks/accuracy.py --resume --lookback_study  # L in {96, 336, 720}: best variant + patchtst
+    .venv/bin/python benchmarks/accuracy.py --summary_only           # table and PNG from the JSON, no training
+    .venv/bin/python benchmarks/accuracy.py --quick --workdir /tmp/q --out /tmp/q/acc.json   # smoke pass, ~30 s
+
+Protocol: lookback L=96, horizons H in {96, 192, 336, 720}, all 7 channels in and out, MSE and MAE
+on the standardised data (train-split statistics), every test window counted (stride 1, no
+dropped batch). Models: the Titans variants MAC, MAG, MAL, LMM and two baselines of the same
+harness (:mod:`forecasters.baselines`): ``patchtst`` (the same patch model on a plain
+transformer, ~176k parameters, like the variants' 154k-204k) and ``dlinear``. Every run is
+``titans-ts fit --config configs/<dataset>/<model>.yaml`` with the horizon, lookback and seed
+overridden, nothing else: the shipped configs' hyperparameters, early stopping and checkpoint
+selection on ``val_mse`` (no tuning on test). Each run is logged to MLflow (experiment
+``titans-ts-accuracy``; ``--tracking_uri``, default ``./mlflow.db`` in ``--workdir``).
+
+Each finished run is appended to ``benchmarks/results/accuracy.json`` at once (one record per
+dataset, model, lookback, horizon, seed), so an interrupted grid continues with ``--resume``;
+workers with disjoint ``--models`` may fill the same file side by side (appends take a file lock).
+``epoch_seconds`` is the mean wall time of the training part of an epoch (validation excluded);
+the machine is shared, so each record also keeps the 1-minute load average before and after.
+The summary (``accuracy_summary.md``: mean and std over seeds per horizon, the 4-horizon average
+next to published figures) and ``accuracy.png`` are rebuilt after every run.
+
+Run time measured on this 2-core machine, one torch thread per worker, shared with other jobs
+(load 5-8), L=96: DLinear 0.5-2 minutes per run (4-8 s per epoch), PatchTST 9-13 minutes (95-110 s
+per epoch), MAC 32 minutes (350 s per epoch, 5 epochs before early stopping). Runs stop early on
+``val_mse`` (patience 3, at most 20 epochs). The full grid (2 datasets x 6 models x 4 horizons x 3
+seeds = 144 runs, plus the lookback study) takes days here: run it in pieces with ``--resume``,
+or on a bigger machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+import math
+import os
+import statistics
+import sys
+import time
+from collections import defaultdict
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+RESULTS = ROOT / "benchmarks" / "results"
+DATASETS = ("etth1", "etth2")
+VARIANTS = ("mac", "mag", "mal", "lmm")
+MODELS = (*VARIANTS, "patchtst", "dlinear")
+HORIZONS = (96, 192, 336, 720)
+SEEDS = (0, 1, 2)
+LOOKBACKS = (96, 336, 720)
+EXPERIMENT = "titans-ts-accuracy"
+
+#: Published 4-horizon averages (MSE, MAE) at L=96 (PatchTST at L=96 from the iTransformer paper;
+#: the Titans row is the paper's neural-memory model). Literature, for comparison only.
+PUBLISHED: dict[str, dict[str, tuple[float, float]]] = {
+    "Titans (paper)": {"etth1": (0.420, 0.421), "etth2": (0.336, 0.382)},
+    "iTransformer": {"etth1": (0.454, 0.447), "etth2": (0.383, 0.407)},
+    "PatchTST (L=96)": {"etth1": (0.469, 0.454), "etth2": (0.387, 0.407)},
+    "DLinear": {"etth1": (0.456, 0.452), "etth2": (0.559, 0.515)},
+}
+
+#: Overrides of the smoke pass: a tiny model and a few batches, so a run takes seconds.
+QUICK_OVERRIDES = [
+    "--trainer.max_epochs=1", "--trainer.limit_train_batches=3", "--trainer.limit_val_batches=2",
+    "--trainer.limit_test_batches=2", "--trainer.num_sanity_val_steps=0", "--model.dim=16",
+    "--model.n_layers=1", "--model.heads=2",
+]
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One run of the grid."""
+
+    dataset: str
+    model: str
+    lookback: int
+    horizon: int
+    seed: int
+
+    @classmethod
+    def of(cls, record: dict[str, Any]) -> Cell:
+        return cls(record["dataset"], record["model"], int(record["lookback"]), int(record["horizon"]), int(record["seed"]))
+
+
+def grid(datasets: list[str], models: list[str], horizons: list[int], seeds: list[int], lookbacks: list[int]) -> list[Cell]:
+    """Cells in the order they are worth running: a seed's every horizon before the next seed,
+    short horizons first, both datasets and all models of a horizon together."""
+    return [Cell(d, m, lb, h, s) for s in seeds for lb in lookbacks for h in horizons for d in datasets for m in models]
+
+
+# --- one run ------------------------------------------------------------------------------------
+def code_version() -> dict[str, str]:
+    """The commit and a digest of the model code as it is on disk, so a record names the code that made it
+    (the tree may hold uncommitted edits while a long grid runs)."""
+    import hashlib
+    import subprocess
+
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    digest = hashlib.sha256()
+    for path in sorted([*ROOT.glob("titans_ts/*.py"), *ROOT.glob("forecasters/*.py")]):
+        digest.update(path.read_bytes())
+    return {"git_commit": commit or "unknown", "code_sha256": digest.hexdigest()[:12]}
+
+
+def run_meter() -> Any:
+    """A Lightning callback that times the training part of each epoch and counts the test windows."""
+    from lightning.pytorch.callbacks import Callback
+
+    class RunMeter(Callback):
+        def __init__(self) -> None:
+            self.epoch_seconds: list[float] = []
+            self.test_windows = 0
+            self._started: float | None = None
+
+        def on_train_epoch_start(self, trainer: Any, pl_module: Any) -> None:
+            self._started = time.perf_counter()
+
+        def _stop(self) -> None:
+            if self._started is not None:
+                self.epoch_seconds.append(time.perf_counter() - self._started)
+                self._started = None
+
+        # Validation runs inside the training epoch, before on_train_epoch_end: stop the clock there.
+        def on_validation_start(self, trainer: Any, pl_module: Any) -> None:
+            if not trainer.sanity_checking:
+                self._stop()
+
+        def on_train_epoch_end(self, trainer: Any, pl_module: Any) -> None:
+            self._stop()
+
+        def on_test_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int,
+                              dataloader_idx: int = 0) -> None:
+            self.test_windows += int(batch[0].shape[0])
+
+    return RunMeter()
+
+
+def cli_args(cell: Cell, args: argparse.Namespace) -> list[str]:
+    """`titans-ts fit` arguments of a cell: the shipped config, with lookback, horizon and seed set."""
+    argv = [
+        "fit", "--config", str(ROOT / "configs" / cell.dataset / f"{cell.model}.yaml"),
+        f"--data.init_args.data_dir={args.data_dir}", f"--data.init_args.lookback={cell.lookback}",
+        f"--data.init_args.horizon={cell.horizon}", f"--seed_everything={cell.seed}",
+        f"--trainer.logger.init_args.experiment_name={args.experiment}",
+        # The run's metrics and config are what we compare; a model artifact per grid cell is not needed.
+        "--trainer.logger.init_args.log_forecast_model=false",
+        "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false",
+    ]
+    if args.tracking_uri:
+        argv.append(f"--trainer.logger.init_args.tracking_uri={args.tracking_uri}")
+    return argv + (QUICK_OVERRIDES if args.quick else [])
+
+
+def run_cell(cell: Cell, args: argparse.Namespace) -> dict[str, Any]:
+    """Train, test and log one cell through the CLI (in this process); return its record."""
+    import torch
+
+    from forecasters.cli import run_cli
+
+    meter = run_meter()
+    load_before = os.getloadavg()[0]
+    started = time.perf_counter()
+    log = io.StringIO()
+    with contextlib.redirect_stdout(log):
+        cli = run_cli(cli_args(cell, args), trainer_defaults={"callbacks": [meter]})
+    fit_seconds = time.perf_counter() - started
+    checkpoint = cli.trainer.checkpoint_callback
+    logger = cli._mlflow_logger()
+    return {
+        **asdict(cell),
+        "test_mse": cli.test_metrics["test_mse"],
+        "test_mae": cli.test_metrics["test_mae"],
+        "n_test_windows": meter.test_windows,
+        "epoch_seconds": statistics.fmean(meter.epoch_seconds) if meter.epoch_seconds else None,
+        "best_val_mse": float(checkpoint.best_model_score) if checkpoint.best_model_score is not None else None,
+        "epochs_trained": len(meter.epoch_seconds),
+        "fit_seconds": round(fit_seconds, 1),
+        "n_params": sum(p.numel() for p in cli.model.parameters()),
+        "torch_threads": torch.get_num_threads(),
+        "load_avg_before": round(load_before, 2),
+        "load_avg_after": round(os.getloadavg()[0], 2),
+        "mlflow_run_id": logger.run_id if logger is not None else None,
+        "quick": bool(args.quick),
+        **args.code_version,
+        "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
+    }
+
+
+# --- results ------------------------------------------------------------------------------------
+def load_records(path: Path) -> list[dict[str, Any]]:
+    return json.loads(path.read_text()) if path.exists() else []
+
+
+def save_records(records: list[dict[str, Any]], path: Path) -> None:
+    """Write atomically: an interrupted write never leaves a truncated JSON behind."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".json.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(records, indent=1))
+    tmp.replace(path)
+
+
+def append_record(record: dict[str, Any], path: Path) -> list[dict[str, Any]]:
+    """Add one record to the file, re-read under a lock, so several workers (e.g. one per model
+    group) can fill the same grid; returns all records now in the file."""
+    import fcntl
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    folder = os.open(path.parent, os.O_RDONLY)  # lock the folder: the file itself is replaced on every write
+    try:
+        fcntl.flock(folder, fcntl.LOCK_EX)
+        records = [r for r in load_records(path) if Cell.of(r) != Cell.of(record)] + [record]
+        save_records(records, path)
+    finally:
+        os.close(folder)  # closing releases the lock
+    return records
+
+
+def mean_std(values: list[float]) -> tuple[float, float]:
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def summarise(records: list[dict[str, Any]]) -> dict[tuple, dict[str, Any]]:
+    """(dataset, model, lookback, horizon) -> mean and std over seeds of test MSE/MAE, epoch seconds."""
+    groups: dict[tuple, list[dict[str, Any]]] = defaultdict(list)
+    for r in records:
+        groups[(r["dataset"], r["model"], r["lookback"], r["horizon"])].append(r)
+    summary = {}
+    for key, rs in sorted(groups.items()):
+        summary[key] = {
+            "mse": mean_std([r["test_mse"] for r in rs]),
+            "mae": mean_std([r["test_mae"] for r in rs]),
+            "val_mse": statistics.fmean(r["best_val_mse"] for r in rs),
+            "epoch_seconds": statistics.fmean(r["epoch_seconds"] for r in rs if r["epoch_seconds"]) if any(
+                r["epoch_seconds"] for r in rs) else math.nan,
+            "seeds": sorted(r["seed"] for r in rs),
+        }
+    return summary
+
+
+def best_variant(records: list[dict[str, Any]], lookback: int = 96) -> str | None:
+    """The Titans variant with the lowest mean validation MSE at `lookback` (chosen on val, never test).
+
+    Only horizons every variant has finished are compared, so no variant wins by missing a hard horizon.
+    """
+    done = {(r["model"], r["dataset"], r["horizon"], r["seed"]): r["best_val_mse"] for r in records
+            if r["lookback"] == lookback and r["model"] in VARIANTS}
+    shared = set.intersection(*({k[1:] for k in done if k[0] == v} for v in VARIANTS))
+    if not shared:
+        return None
+    return min(VARIANTS, key=lambda v: statistics.fmean(done[(v, *k)] for k in shared))
+
+
+def summary_table(records: list[dict[str, Any]]) -> str:
+    """Markdown: per-horizon test MSE / MAE (mean +- std over seeds), 4-horizon averages, published figures."""
+    summary = summarise(records)
+    lines = []
+    for dataset in sorted({k[0] for k in summary}):
+        for lookback in sorted({k[2] for k in summary if k[0] == dataset}):
+            horizons = sorted({k[3] for k in summary if k[0] == dataset and k[2] == lookback})
+            lines += [f"### {dataset.upper()}, L={lookback}: test MSE / MAE (mean ± std over the seeds listed)", "",
+                      "| model | " + " | ".join(f"H={h}" for h in horizons) + " | average of 4 H | s/epoch |",
+                      "| --- | " + " | ".join("---" for _ in horizons) + " | --- | --- |"]
+            for model in [m for m in MODELS if any(k[:3] == (dataset, m, lookback) for k in summary)]:
+                cells, means = [], []
+                for h in horizons:
+                    s = summary.get((dataset, model, lookback, h))
+                    if s is None:
+                        cells.append("—")
+                        continue
+                    (mse, mse_sd), (mae, mae_sd) = s["mse"], s["mae"]
+                    cells.append(f"{mse:.3f}±{mse_sd:.3f} / {mae:.3f}±{mae_sd:.3f} (seeds {','.join(map(str, s['seeds']))})")
+                    means.append((mse, mae))
+                average = (f"{statistics.fmean(m for m, _ in means):.3f} / {statistics.fmean(a for _, a in means):.3f}"
+                           if len(means) == len(HORIZONS) else "incomplete")
+                seconds = [summary[(dataset, model, lookback, h)]["epoch_seconds"] for h in horizons
+                           if (dataset, model, lookback, h) in summary]
+                lines.append(f"| {model} | " + " | ".join(cells) + f" | {average} | {statistics.fmean(seconds):.0f} |")
+            if lookback == 96:
+                for name, figures in PUBLISHED.items():
+                    mse, mae = figures[dataset]
+                    lines.append(f"| *{name}, published* | " + " | ".join("" for _ in horizons) + f" | {mse:.3f} / {mae:.3f} | |")
+            lines.append("")
+    best = best_variant(records)
+    lines.append(f"Best Titans variant on validation MSE at L=96 (horizons all variants finished): {best or 'not yet known'}.")
+    return "\n".join(lines) + "\n"
+
+
+def plot(records: list[dict[str, Any]], path: Path) -> None:
+    """Test MSE against the horizon per model (mean over seeds, std as error bars), one panel per dataset."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    summary = summarise([r for r in records if r["lookback"] == 96])
+    datasets = sorted({k[0] for k in summary}) or list(DATASETS)
+    fig, axes = plt.subplots(1, len(datasets), figsize=(5.5 * len(datasets), 4), squeeze=False)
+    for ax, dataset in zip(axes[0], datasets):
+        for model in MODELS:
+            points = sorted((k[3], v["mse"]) for k, v in summary.items() if k[0] == dataset and k[1] == model)
+            if points:
+                ax.errorbar([h for h, _ in points], [m for _, (m, _) in points], yerr=[s for _, (_, s) in points],
+                            marker="o", capsize=3, label=model, linestyle="--" if model in ("patchtst", "dlinear") else "-")
+        ax.set(title=f"{dataset.upper()}, L=96", xlabel="horizon H", ylabel="test MSE (scaled)", xticks=list(HORIZONS))
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_outputs(records: list[dict[str, Any]], out: Path) -> None:
+    out.with_name(out.stem + "_summary.md").write_text(summary_table(records))
+    if records:
+        plot(records, out.with_suffix(".png"))
+
+
+# --- main ---------------------------------------------------------------------------------------
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="smoke pass: ETTh1, mac and dlinear, H=96, a few batches")
+    parser.add_argument("--resume", action="store_true", help="keep the records in --out and run only the missing cells")
+    parser.add_argument("--overwrite", action="store_true", help="start a new --out even if it has records")
+    parser.add_argument("--summary_only", action="store_true", help="only rebuild the summary and PNG from --out")
+    parser.add_argument("--lookback_study", action="store_true",
+                        help="L in {96, 336, 720} for the best variant (on val, at L=96) and patchtst")
+    parser.add_argument("--datasets", nargs="+", default=list(DATASETS), choices=DATASETS)
+    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
+    parser.add_argument("--horizons", nargs="+", type=int, default=list(HORIZONS))
+    parser.add_argument("--seeds", nargs="+", type=int, default=list(SEEDS))
+    parser.add_argument("--lookbacks", nargs="+", type=int, default=[96])
+    parser.add_argument("--max_runs", type=int, default=None, help="stop after this many runs")
+    parser.add_argument("--data_dir", type=Path, default=Path(os.environ.get("TITANS_TS_DATA", ROOT.parent / "shared" / "data")))
+    parser.add_argument("--tracking_uri", default=None, help="MLflow store (default: $MLFLOW_TRACKING_URI, else ./mlflow.db)")
+    parser.add_argument("--experiment", default=EXPERIMENT)
+    parser.add_argument("--workdir", type=Path, default=ROOT, help="where mlflow.db and checkpoints/ go (default: the repo)")
+    parser.add_argument("--out", type=Path, default=RESULTS / "accuracy.json")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.datasets, args.models, args.horizons, args.seeds, args.lookbacks = ["etth1"], ["mac", "dlinear"], [96], [0], [96]
+    args.out, args.data_dir = args.out.resolve(), args.data_dir.resolve()
+    return args
+
+
+def cells_to_run(args: argparse.Namespace, records: list[dict[str, Any]]) -> list[Cell]:
+    models = args.models
+    if args.lookback_study:
+        best = best_variant(records)
+        if best is None:
+            raise SystemExit("the lookback study needs L=96 results of every Titans variant to pick the best on val")
+        print(f"lookback study: best variant on validation MSE at L=96 is {best}")
+        models, args.lookbacks = [best, "patchtst"], list(LOOKBACKS)
+    done = {Cell.of(r) for r in records}
+    return [c for c in grid(args.datasets, models, args.horizons, args.seeds, args.lookbacks) if c not in done]
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    records = load_records(args.out)
+    if args.summary_only:
+        write_outputs(records, args.out)
+        print(summary_table(records))
+        return
+    if records and not (args.resume or args.overwrite):
+        raise SystemExit(f"{args.out} already has {len(records)} records: pass --resume to continue or --overwrite")
+    if args.overwrite:
+        records = []
+        save_records(records, args.out)
+    todo = cells_to_run(args, records)[: args.max_runs]
+    print(f"{len(todo)} run(s) to do; {len(records)} already in {args.out}", flush=True)
+    args.code_version = code_version()  # read once: the code this process imported
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    os.chdir(args.workdir)  # the default MLflow store (./mlflow.db) and checkpoints/ go here
+    for i, cell in enumerate(todo, 1):
+        if cell in {Cell.of(r) for r in load_records(args.out)}:
+            continue  # another worker finished it meanwhile
+        print(f"[{i}/{len(todo)}] {cell} ...", flush=True)
+        try:
+            record = run_cell(cell, args)
+        except Exception as exc:  # one failed cell (e.g. a diverged fit) must not stop the grid
+            print(f"    FAILED: {type(exc).__name__}: {exc}; the cell stays missing", flush=True)
+            continue
+        records = append_record(record, args.out)
+        write_outputs(records, args.out)
+        print(f"    test_mse={record['test_mse']:.4f} test_mae={record['test_mae']:.4f} val_mse={record['best_val_mse']:.4f} "
+              f"epochs={record['epochs_trained']} s/epoch={record['epoch_seconds']:.1f} fit={record['fit_seconds']:.0f}s "
+              f"load={record['load_avg_before']}", flush=True)
+    if not todo:
+        write_outputs(records, args.out)
+    print(summary_table(records))
+
+
+if __name__ == "__main__":
+    main()
