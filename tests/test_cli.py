@@ -17,7 +17,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import pytest
 import torch
 
@@ -26,7 +25,6 @@ from forecasters.cli import TitansCLI, main, run_cli
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "configs"
-SHARED_DATA = REPO.parent / "shared" / "data"
 DATA_CLASSES = {
     "etth1": "ETTh1DataModule", "etth2": "ETTh2DataModule", "ettm1": "ETTm1DataModule", "ettm2": "ETTm2DataModule",
     "ecl": "ECLDataModule", "traffic": "TrafficDataModule", "weather": "WeatherDataModule",
@@ -42,21 +40,6 @@ TINY = [
     "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false", "--trainer.log_every_n_steps=1",
     "--model.dim=16", "--model.n_layers=1", "--model.heads=2", "--data.init_args.batch_size=16",
 ]
-
-
-@pytest.fixture(scope="session")
-def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The real ETTh1 when the shared data folder is there, else a synthetic file with its schema."""
-    if (SHARED_DATA / "ETT-small" / "ETTh1.csv").is_file():
-        return SHARED_DATA
-    folder = tmp_path_factory.mktemp("data")
-    rng = np.random.default_rng(0)
-    t = np.arange(14400)
-    values = np.sin(2 * np.pi * t[:, None] / 24 + np.arange(7)) + 0.1 * rng.standard_normal((14400, 7))
-    frame = pd.DataFrame(values, columns=["HUFL", "HULL", "MUFL", "MULL", "LUFL", "LULL", "OT"])
-    frame.insert(0, "date", pd.date_range("2016-07-01", periods=14400, freq="h").strftime("%Y-%m-%d %H:%M:%S"))
-    frame.to_csv(folder / "ETTh1.csv", index=False)
-    return folder
 
 
 def etth1_args(data_dir: Path, variant: str = "mac") -> list[str]:

@@ -23,7 +23,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pandas as pd
 import pytest
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
@@ -35,7 +34,6 @@ from forecasters.cli import run_cli
 
 REPO = Path(__file__).resolve().parents[1]
 TESTS = Path(__file__).resolve().parent
-SHARED_DATA = REPO.parent / "shared" / "data"
 TITANS_TS = Path(sys.executable).parent / "titans-ts"
 PROBE_ENV = "TITANS_TS_TEST_PROBE_DIR"
 WORLD_SIZE = 2
@@ -141,21 +139,6 @@ class PaddedOrderETTh1DataModule(ETTh1DataModule):
 
 
 # -- fixtures ----------------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The real ETTh1 when the shared data folder is there, else a synthetic file with its schema."""
-    if (SHARED_DATA / "ETT-small" / "ETTh1.csv").is_file():
-        return SHARED_DATA
-    folder = tmp_path_factory.mktemp("data")
-    rng = np.random.default_rng(0)
-    t = np.arange(14400)
-    values = np.sin(2 * np.pi * t[:, None] / 24 + np.arange(7)) + 0.1 * rng.standard_normal((14400, 7))
-    frame = pd.DataFrame(values, columns=["HUFL", "HULL", "MUFL", "MULL", "LUFL", "LULL", "OT"])
-    frame.insert(0, "date", pd.date_range("2016-07-01", periods=14400, freq="h").strftime("%Y-%m-%d %H:%M:%S"))
-    frame.to_csv(folder / "ETTh1.csv", index=False)
-    return folder
 
 
 def child_env(probe_dir: Path, store: str) -> dict[str, str]:
