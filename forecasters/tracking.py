@@ -27,7 +27,7 @@ import tempfile
 import time
 import traceback
 from argparse import Namespace
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -227,7 +227,8 @@ class TitansMLFlowLogger(MLFlowLogger):
         if not self._server_checked and rank_zero_only.rank == 0:
             check_tracking_server(self._tracking_uri)
             self._server_checked = True
-        return super().experiment
+        with _tracking_env_kept():
+            return super().experiment
 
     def finalize(self, status: str = "success") -> None:
         """End the run. On ``"failed"`` (Lightning's status when a trainer call raises) the exception being
@@ -342,7 +343,8 @@ class TitansMLFlowLogger(MLFlowLogger):
         # Explicit requirements: MLflow would otherwise infer them by re-importing the model in a subprocess.
         requirements = [f"torch=={torch.__version__.split('+')[0]}", f"lightning=={lightning.__version__}"]
         # The fluent API logs to the global store; Lightning's MLFlowLogger has already pointed it here.
-        mlflow.set_tracking_uri(self.tracking_uri)
+        with _tracking_env_kept():
+            mlflow.set_tracking_uri(self.tracking_uri)
         active = mlflow.active_run()
         # The run must be the active one (not just passed as run_id): MLflow 3 files the model under the
         # active run's experiment, and runs:/<id>/model only resolves from there. Ending it marks it
@@ -378,6 +380,23 @@ class TitansMLFlowLogger(MLFlowLogger):
             path = Path(tmp) / "forecasts.png"
             fig.savefig(path, dpi=100)
             self.experiment.log_artifact(self.run_id, str(path))
+
+
+@contextlib.contextmanager
+def _tracking_env_kept() -> Iterator[None]:
+    """Undo the ``MLFLOW_TRACKING_URI`` export of ``mlflow.set_tracking_uri`` (which Lightning's logger calls).
+
+    Left exported, it would send every later run of this process to this store: a second fit started
+    in another folder would not get that folder's ``mlflow.db``.
+    """
+    previous = os.environ.get("MLFLOW_TRACKING_URI")
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = previous
 
 
 def _test_windows(datamodule: LightningDataModule | None, n: int) -> tuple[torch.Tensor, torch.Tensor, list[int]] | None:

@@ -105,6 +105,21 @@ def test_logger_defaults_to_sqlite_in_the_working_directory(tmp_path: Path, monk
         TitansMLFlowLogger(plot_windows=-1)
 
 
+def test_a_second_logger_in_another_folder_gets_that_folders_store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # mlflow.set_tracking_uri (called by Lightning's logger) exports MLFLOW_TRACKING_URI; left exported,
+    # the second run of a process would go to the first run's store.
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    for name in ("first", "second"):
+        folder = tmp_path / name
+        folder.mkdir()
+        monkeypatch.chdir(folder)
+        logger = TitansMLFlowLogger(experiment_name="unit")
+        assert logger.tracking_uri == f"sqlite:///{folder / 'mlflow.db'}"
+        logger.start({"dataset": "toy"})
+        logger.finalize("success")
+        assert (folder / "mlflow.db").is_file() and "MLFLOW_TRACKING_URI" not in os.environ
+
+
 # -- a real tracking server --------------------------------------------------------------------------
 
 
