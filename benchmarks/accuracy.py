@@ -5,6 +5,8 @@ the same harness, and the lookback study.
     .venv/bin/python benchmarks/accuracy.py --resume --lookback_study  # L in {96, 336, 720}: best variant + patchtst
     .venv/bin/python benchmarks/accuracy.py --summary_only           # table and PNG from the JSON, no training
     .venv/bin/python benchmarks/accuracy.py --quick --workdir /tmp/q --out /tmp/q/acc.json   # smoke pass, ~30 s
+    .venv/bin/python benchmarks/accuracy.py --resume --set model.lr=0.0001 --models lmm --horizons 336 \
+        --datasets etth1 --seeds 0 --out benchmarks/results/studies/lr_0.0001.json  # a hyperparameter study
 
 Protocol: lookback L=96, horizons H in {96, 192, 336, 720}, all 7 channels in and out, MSE and MAE
 on the standardised data (train-split statistics), every test window counted (stride 1, no
@@ -15,6 +17,10 @@ transformer, ~176k parameters, like the variants' 154k-204k) and ``dlinear``. Ev
 overridden, nothing else: the shipped configs' hyperparameters, early stopping and checkpoint
 selection on ``val_mse`` (no tuning on test). Each run is logged to MLflow (experiment
 ``titans-ts-accuracy``; ``--tracking_uri``, default ``./mlflow.db`` in ``--workdir``).
+
+A study of other hyperparameters passes them with ``--set KEY=VALUE`` (``titans-ts fit`` keys, e.g.
+``model.lr=0.0001``), recorded in each record's ``overrides``; it goes to its own ``--out``, never
+into the main grid's file, and is judged on ``best_val_mse`` only before any config changes.
 
 Each finished run is appended to ``benchmarks/results/accuracy.json`` at once (one record per
 dataset, model, lookback, horizon, seed), so an interrupted grid continues with ``--resume``;
@@ -158,6 +164,7 @@ def cli_args(cell: Cell, args: argparse.Namespace) -> list[str]:
     ]
     if args.tracking_uri:
         argv.append(f"--trainer.logger.init_args.tracking_uri={args.tracking_uri}")
+    argv += [f"--{key}={value}" for key, value in args.overrides.items()]
     return argv + (QUICK_OVERRIDES if args.quick else [])
 
 
@@ -191,6 +198,7 @@ def run_cell(cell: Cell, args: argparse.Namespace) -> dict[str, Any]:
         "load_avg_after": round(os.getloadavg()[0], 2),
         "mlflow_run_id": logger.run_id if logger is not None else None,
         "quick": bool(args.quick),
+        "overrides": dict(args.overrides),
         **args.code_version,
         "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
@@ -345,11 +353,27 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--experiment", default=EXPERIMENT)
     parser.add_argument("--workdir", type=Path, default=ROOT, help="where mlflow.db and checkpoints/ go (default: the repo)")
     parser.add_argument("--out", type=Path, default=RESULTS / "accuracy.json")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides",
+                        help="a `titans-ts fit` override for every run (e.g. model.lr=0.0001); needs its own --out")
     args = parser.parse_args(argv)
+    args.overrides = parse_overrides(args.overrides, parser)
+    if args.overrides and args.out.resolve() == (RESULTS / "accuracy.json").resolve():
+        parser.error("runs with --set are a study: give them their own --out, the main grid keeps the shipped configs")
     if args.quick:
         args.datasets, args.models, args.horizons, args.seeds, args.lookbacks = ["etth1"], ["mac", "dlinear"], [96], [0], [96]
     args.out, args.data_dir = args.out.resolve(), args.data_dir.resolve()
     return args
+
+
+def parse_overrides(pairs: list[str], parser: argparse.ArgumentParser) -> dict[str, str]:
+    """``["model.lr=0.0001", ...]`` -> ``{"model.lr": "0.0001", ...}``, refusing malformed pairs."""
+    overrides = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key or key.startswith("-"):
+            parser.error(f"--set takes KEY=VALUE with a `titans-ts fit` key (e.g. model.lr=0.0001), got {pair!r}")
+        overrides[key] = value
+    return overrides
 
 
 def cells_to_run(args: argparse.Namespace, records: list[dict[str, Any]]) -> list[Cell]:
@@ -360,6 +384,10 @@ def cells_to_run(args: argparse.Namespace, records: list[dict[str, Any]]) -> lis
             raise SystemExit("the lookback study needs L=96 results of every Titans variant to pick the best on val")
         print(f"lookback study: best variant on validation MSE at L=96 is {best}")
         models, args.lookbacks = [best, "patchtst"], list(LOOKBACKS)
+    others = {json.dumps(r.get("overrides", {}), sort_keys=True) for r in records} - {json.dumps(args.overrides, sort_keys=True)}
+    if others:
+        raise SystemExit(f"{args.out} holds runs with other overrides ({', '.join(sorted(others))}): "
+                         f"give this study its own --out")
     done = {Cell.of(r) for r in records}
     return [c for c in grid(args.datasets, models, args.horizons, args.seeds, args.lookbacks) if c not in done]
 

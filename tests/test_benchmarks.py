@@ -68,3 +68,40 @@ def test_streaming_quick(tmp_path):
     assert carried["n_test_windows"] == reset["n_test_windows"] == 30
     assert carried["test_mse"] != reset["test_mse"]  # the carried memory does change the forecasts
     assert out.with_suffix(".png").exists()
+
+
+def load_benchmark(name: str):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", ROOT / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_accuracy_study_overrides_reach_the_run_and_stay_apart(tmp_path, capsys):
+    import pytest
+
+    accuracy = load_benchmark("accuracy")
+    out = tmp_path / "lr_study.json"
+    args = accuracy.parse_args(["--set", "model.lr=0.0001", "--set", "model.dropout=0.2", "--out", str(out)])
+    assert args.overrides == {"model.lr": "0.0001", "model.dropout": "0.2"}
+    argv = accuracy.cli_args(accuracy.Cell("etth1", "lmm", 96, 336, 0), args)
+    assert argv[-2:] == ["--model.lr=0.0001", "--model.dropout=0.2"]  # after the config, so they win
+
+    study_record = {"dataset": "etth1", "model": "lmm", "lookback": 96, "horizon": 336, "seed": 0,
+                    "overrides": {"model.lr": "0.0001", "model.dropout": "0.2"}}
+    assert accuracy.cells_to_run(args, [study_record]) == [
+        c for c in accuracy.grid(list(accuracy.DATASETS), list(accuracy.MODELS), list(accuracy.HORIZONS),
+                                 list(accuracy.SEEDS), [96]) if c != accuracy.Cell.of(study_record)]
+    other = accuracy.parse_args(["--set", "model.lr=0.001", "--out", str(out)])
+    with pytest.raises(SystemExit, match="other overrides"):
+        accuracy.cells_to_run(other, [study_record])  # a file holds one study: no mixed settings
+    with pytest.raises(SystemExit, match="other overrides"):
+        accuracy.cells_to_run(accuracy.parse_args(["--out", str(out)]), [study_record])
+
+    for bad in (["--set", "model.lr"], ["--set", "=3"], ["--set", "model.lr=0.0001"]):  # the last: main grid's file
+        with pytest.raises(SystemExit):
+            accuracy.parse_args(bad if bad[1] == "model.lr=0.0001" else [*bad, "--out", str(out)])
+    assert "own --out" in capsys.readouterr().err
