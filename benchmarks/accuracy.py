@@ -300,7 +300,33 @@ def summary_table(records: list[dict[str, Any]]) -> str:
             lines.append("")
     best = best_variant(records)
     lines.append(f"Best Titans variant on validation MSE at L=96 (horizons all variants finished): {best or 'not yet known'}.")
+    lines += ["", *target_verdicts(records)]
     return "\n".join(lines) + "\n"
+
+
+def target_verdicts(records: list[dict[str, Any]]) -> list[str]:
+    """The targets, judged on 4-horizon average test MSE at L=96 (means over seeds): the best variant
+    (chosen on validation) at or below the Titans paper, and every variant below the linear baseline."""
+    summary = summarise([r for r in records if r["lookback"] == 96])
+
+    def average(dataset: str, model: str | None) -> float | None:
+        keys = [(dataset, model, 96, h) for h in HORIZONS]
+        return statistics.fmean(summary[k]["mse"][0] for k in keys) if all(k in summary for k in keys) else None
+
+    def verdict(value: float | None, target: float | None) -> str:
+        if value is None or target is None:
+            return "not yet known (horizons missing)"
+        return f"{value:.3f} vs {target:.3f}: " + ("met" if value <= target else "not met")
+
+    best = best_variant(records)
+    lines = ["### Targets (4-horizon average test MSE, L=96, mean over seeds)", ""]
+    for dataset in sorted({k[0] for k in summary}):
+        linear = average(dataset, "dlinear")
+        lines.append(f"- {dataset.upper()}, best variant on validation ({best or 'not yet known'}) at or below the "
+                     f"Titans paper: {verdict(average(dataset, best), PUBLISHED['Titans (paper)'][dataset][0])}")
+        for variant in VARIANTS:
+            lines.append(f"- {dataset.upper()}, {variant} below the linear baseline: {verdict(average(dataset, variant), linear)}")
+    return lines
 
 
 def plot(records: list[dict[str, Any]], path: Path) -> None:

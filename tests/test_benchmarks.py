@@ -105,3 +105,20 @@ def test_accuracy_study_overrides_reach_the_run_and_stay_apart(tmp_path, capsys)
         with pytest.raises(SystemExit):
             accuracy.parse_args(bad if bad[1] == "model.lr=0.0001" else [*bad, "--out", str(out)])
     assert "own --out" in capsys.readouterr().err
+
+
+def test_accuracy_target_verdicts_need_every_horizon():
+    accuracy = load_benchmark("accuracy")
+
+    def record(dataset, model, horizon, mse, val):
+        return {"dataset": dataset, "model": model, "lookback": 96, "horizon": horizon, "seed": 0, "test_mse": mse,
+                "test_mae": mse, "best_val_mse": val, "epoch_seconds": 1.0}
+
+    records = [record("etth1", m, h, mse, val) for h in accuracy.HORIZONS
+               for m, mse, val in [("mac", 0.41, 0.5), ("mag", 0.43, 0.6), ("mal", 0.45, 0.7), ("dlinear", 0.44, 0.9)]]
+    records += [record("etth1", "lmm", h, 0.40, 0.8) for h in accuracy.HORIZONS[:3]]  # one horizon short
+    lines = accuracy.target_verdicts(records)
+    assert "- ETTH1, best variant on validation (mac) at or below the Titans paper: 0.410 vs 0.420: met" in lines
+    assert "- ETTH1, mag below the linear baseline: 0.430 vs 0.440: met" in lines
+    assert "- ETTH1, mal below the linear baseline: 0.450 vs 0.440: not met" in lines
+    assert "- ETTH1, lmm below the linear baseline: not yet known (horizons missing)" in lines
