@@ -1,13 +1,5 @@
-"""The ``titans-ts`` command line: LightningCLI for TitansForecastingModule, MLflow tracking, run comparison.
-
-    titans-ts fit --config configs/etth1/mac.yaml                 # train, test the best checkpoint, log to MLflow
-    titans-ts fit --config configs/etth1/mac.yaml --config configs/quick.yaml --model.variant mag --data.horizon 336
-    titans-ts test --config configs/etth1/mac.yaml --ckpt_path checkpoints/<run_id>/best-....ckpt
-    titans-ts fit --config configs/etth1/mac.yaml --ckpt_path last   # resume the latest fit, in its MLflow run
-    titans-ts predict --config configs/etth1/mac.yaml --ckpt_path ... --predictions_path forecasts.npz
-    titans-ts compare --experiment titans-ts --chart runs.png      # table (and chart) of the logged runs
-    titans-ts fit --config configs/etth1/mac.yaml --print_config  # the resolved config
-    mlflow ui --backend-store-uri sqlite:///mlflow.db             # browse the runs (default local store)
+"""The Lightning side of the ``titans-ts`` command: LightningCLI for TitansForecastingModule, with MLflow
+tracking. The console entry point and the examples are in :mod:`forecasters.command`.
 
 The model class is fixed; the data module is any LightningDataModule (``--data ETTh1DataModule`` or
 ``class_path: datamodules.ETTh1DataModule``) exposing ``n_channels``, ``n_targets``, ``lookback`` and
@@ -16,7 +8,7 @@ early stopping and best-checkpoint selection on ``val_mse`` (plus ``last.ckpt`` 
 ``--ckpt_path``), ``seed_everything: 42``; ``fit`` tests the best checkpoint when it ends.
 
 Nothing heavy is imported at module level beyond Lightning itself: mlflow is imported when a run
-starts, matplotlib when a figure is drawn, so ``--help`` stays quick.
+starts, matplotlib when a figure is drawn.
 """
 
 from __future__ import annotations
@@ -39,14 +31,11 @@ import datamodules  # noqa: F401
 from forecasters.checkpointing import LAST_CHECKPOINT, find_last_checkpoint, read_checkpoint, use_atomic_checkpoints
 from forecasters.module import TitansForecastingModule
 from forecasters.tracking import DEFAULT_EXPERIMENT, TitansMLFlowLogger, dataset_name, run_tags
+from forecasters.command import DESCRIPTION, compare_main, main  # noqa: F401 - main and compare_main re-exported
 from forecasters.validation import check_checkpoint_fits
 
 __all__ = ["MLflowSaveConfigCallback", "TitansCLI", "compare_main", "main", "run_cli"]
 
-DESCRIPTION = (
-    "Train, evaluate and compare Titans time-series forecasters. Subcommands: fit, validate, test, predict "
-    "(Lightning CLI: `titans-ts fit --help`) and compare (`titans-ts compare --help`: a table of MLflow runs)."
-)
 
 #: Properties of the data module that fix the model's shapes (linked, so they are set in one place).
 LINKED_FROM_DATA = ("n_channels", "n_targets", "lookback", "horizon")
@@ -350,49 +339,6 @@ def _metrics(trainer: Trainer, prefix: str) -> dict[str, float]:
     return {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith(prefix)}
 
 
-def compare_main(args: list[str] | None = None) -> int:
-    """``titans-ts compare``: print a table of an experiment's runs; optionally write a chart."""
-    parser = argparse.ArgumentParser(
-        prog="titans-ts compare",
-        description="Compare the MLflow runs of an experiment: dataset, variant, horizon, test metrics, "
-                    "duration and key parameters, best test_mse first within each dataset and horizon.",
-    )
-    parser.add_argument("--experiment", default=DEFAULT_EXPERIMENT, help="MLflow experiment name (default: %(default)s)")
-    parser.add_argument("--tracking_uri", default=None,
-                        help="MLflow store (default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db in the working directory)")
-    parser.add_argument("--chart", type=Path, default=None, help="write a PNG bar chart of --metric per run here")
-    parser.add_argument("--metric", default="test_mse", help="metric for the chart (default: %(default)s)")
-    parser.add_argument("--max_runs", type=int, default=1000, help="most recent runs to include (default: %(default)s)")
-    opts = parser.parse_args(args)
-
-    import pandas as pd
-
-    from forecasters.tracking import compare_runs, resolve_tracking_uri
-
-    try:
-        table = compare_runs(opts.experiment, opts.tracking_uri, max_runs=opts.max_runs)
-    except ValueError as exc:
-        print(f"titans-ts compare: {exc}", file=sys.stderr)
-        return 2
-    uri = resolve_tracking_uri(opts.tracking_uri)
-    print(f"Experiment {opts.experiment!r} in {uri}: {len(table)} run(s)")
-    if len(table):
-        with pd.option_context("display.width", 200, "display.max_columns", None, "display.max_rows", None):
-            print(table.to_string(index=False, float_format=lambda v: f"{v:.4g}", na_rep="-"))
-    if opts.chart is not None:
-        from forecasters.plots import comparison_figure
-
-        try:
-            fig = comparison_figure(table, opts.metric)
-        except ValueError as exc:
-            print(f"titans-ts compare: no chart: {exc}", file=sys.stderr)
-            return 2
-        opts.chart.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(opts.chart, dpi=100)
-        print(f"Chart of {opts.metric} written to {opts.chart.resolve()}")
-    return 0
-
-
 def run_cli(args: list[str] | None = None, **kwargs: Any) -> TitansCLI:
     """Run a Lightning subcommand (fit, validate, test, predict) and return the CLI object.
 
@@ -404,16 +350,6 @@ def run_cli(args: list[str] | None = None, **kwargs: Any) -> TitansCLI:
         # Explicit args while sys.argv has its own (pytest, notebooks) is this function's purpose.
         warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
         return TitansCLI(args=args, **kwargs)
-
-
-def main(args: list[str] | None = None) -> int:
-    """Console entry point ``titans-ts``: ``compare`` or a Lightning subcommand; returns the exit status."""
-    argv = list(sys.argv[1:] if args is None else args)
-    if argv and argv[0] == "compare":
-        return compare_main(argv[1:])
-    # None lets LightningCLI read sys.argv itself (passing both makes it warn).
-    run_cli(None if args is None else argv)
-    return 0
 
 
 if __name__ == "__main__":

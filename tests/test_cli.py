@@ -104,7 +104,7 @@ print("RESULT" + json.dumps(seen))
     assert proc.returncode == 0, proc.stderr[-2000:]
     result = json.loads(proc.stdout.split("RESULT")[-1])
     assert result == {"import": [], "--help": [], "fit --help": [], "compare --help": []}
-    assert "{fit,validate,test,predict}" in proc.stdout and "compare" in proc.stdout
+    assert "{fit,validate,test,predict,compare}" in proc.stdout and "--model.variant" in proc.stdout  # fit --help
     assert "--experiment" in proc.stdout and "--chart" in proc.stdout
     # The module itself does not pull in matplotlib's pyplot (Lightning may import matplotlib proper).
     source = (REPO / "forecasters" / "cli.py").read_text() + (REPO / "forecasters" / "tracking.py").read_text()
@@ -115,7 +115,26 @@ def test_console_script_points_at_main() -> None:
     from importlib.metadata import entry_points
 
     (script,) = entry_points(group="console_scripts", name="titans-ts")
-    assert script.value == "forecasters.cli:main" and script.load() is main
+    assert script.value == "forecasters.command:main" and script.load() is main
+
+
+def test_top_level_help_version_and_compare_help_load_neither_torch_nor_lightning() -> None:
+    script = """
+import json, sys
+from forecasters.command import main
+codes = [main(["--help"]), main(["--version"])]
+try:
+    main(["compare", "--help"])
+except SystemExit as exc:
+    codes.append(exc.code)
+print("RESULT" + json.dumps({"codes": codes, "heavy": [m for m in ("torch", "lightning", "mlflow") if m in sys.modules]}))
+"""
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert json.loads(proc.stdout.split("RESULT")[-1]) == {"codes": [0, 0, 0], "heavy": []}
+    assert "{fit,validate,test,predict,compare}" in proc.stdout and "titans-ts fit --config" in proc.stdout
+    assert "titans-ts 0." in proc.stdout and "--experiment" in proc.stdout
+    assert main([]) == 2  # no subcommand: the overview, and a usage error's status
 
 
 def test_print_config_of_every_shipped_config(capsys: pytest.CaptureFixture[str]) -> None:
