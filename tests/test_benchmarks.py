@@ -122,3 +122,14 @@ def test_accuracy_target_verdicts_need_every_horizon():
     assert "- ETTH1, mag below the linear baseline: 0.430 vs 0.440: met" in lines
     assert "- ETTH1, mal below the linear baseline: 0.450 vs 0.440: not met" in lines
     assert "- ETTH1, lmm below the linear baseline: not yet known (horizons missing)" in lines
+
+
+def test_allocator_quick(tmp_path):
+    out = tmp_path / "allocator.json"
+    run_script("allocator.py", "--out", str(out))
+    records = json.loads(out.read_text())["records"]
+    assert [r["setting"] for r in records] == ["default", "recompute", "malloc", "malloc + recompute"]
+    assert all(r["ms"] > 0 and r["peak_rss_gb"] > 0 and r["minor_faults_per_step"] >= 0 for r in records)
+    assert [r["recompute_chunks"] for r in records] == [None, 8, None, 8]
+    # the knobs change where memory goes, never the result
+    assert len({r["grad_norm"] for r in records}) == 1

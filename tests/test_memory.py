@@ -72,6 +72,31 @@ def test_gradients_match_reference(depth, chunk_size, max_grad_norm):
         assert relative_error(fast[name], ref[name]) <= 1e-10, name
 
 
+@pytest.mark.parametrize("recompute_chunks", [1, 2, 5])
+@pytest.mark.parametrize("carry_state", [False, True])
+def test_recomputing_chunks_changes_nothing_but_memory(recompute_chunks, carry_state):
+    memory = make_memory(depth=2, chunk_size=3, max_grad_norm=0.5)
+    x = torch.randn(BATCH, LENGTH, DIM, dtype=torch.float64)
+    weights = torch.randn(BATCH, LENGTH, DIM, dtype=torch.float64)
+    with torch.no_grad():  # a state that ends mid-chunk, with nonzero momentum
+        state = memory(torch.randn(BATCH, 4, DIM, dtype=torch.float64))[1] if carry_state else None
+    results = []
+    for setting in (None, recompute_chunks):
+        memory.recompute_chunks = setting
+        memory.zero_grad()
+        y, new_state = memory(x, state)
+        ((y * weights).sum() + sum(w.sum() for w in new_state.weights)).backward()
+        results.append((y.detach(), new_state, {n: p.grad.clone() for n, p in memory.named_parameters() if p.grad is not None}))
+    (y_plain, state_plain, grads_plain), (y_recomputed, state_recomputed, grads_recomputed) = results
+    assert torch.equal(y_plain, y_recomputed)
+    assert_states_close(state_recomputed, state_plain, 0.0)
+    assert grads_plain.keys() == grads_recomputed.keys()
+    for name, grad in grads_plain.items():
+        assert relative_error(grads_recomputed[name], grad) <= 1e-12, name
+    with torch.no_grad():  # without gradients there is nothing to recompute: the plain path
+        assert torch.equal(memory(x, state)[0], y_plain)
+
+
 def test_grad_norm_bound_is_active_and_exact():
     memory = make_memory(2, 4, max_grad_norm=1e-3)
     free = make_memory(2, 4)
@@ -219,6 +244,7 @@ def test_pickle_round_trip():
         (dict(dim=8, max_lr=-1.0), "max_lr must be positive"),
         (dict(dim=8, conv_kernel=0), "conv_kernel must be >= 1"),
         (dict(dim=8, max_grad_norm=0.0), "max_grad_norm must be positive"),
+        (dict(dim=8, recompute_chunks=0), "recompute_chunks must be a positive number of chunks"),
     ],
 )
 def test_bad_arguments_are_named(kwargs, message):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 from typing import Callable, NamedTuple
 
@@ -67,6 +68,10 @@ class NeuralMemory(nn.Module):
     `max_grad_norm` bounds each token's inner gradient (Frobenius norm over all layers) before it
     enters the momentum; the plain rule can diverge when the learning rate times the chunk
     length is large, so the bound is on by default. `None` removes it.
+
+    `recompute_chunks=g` trades compute for training memory on long sequences: backward keeps the
+    memory's state only every g chunks and recomputes the chunks in between (gradient
+    checkpointing; same results). Without it, training keeps a weight-sized state per chunk.
     """
 
     def __init__(
@@ -79,6 +84,7 @@ class NeuralMemory(nn.Module):
         max_lr: float = 0.1,
         conv_kernel: int = 4,
         max_grad_norm: float | None = 1.0,
+        recompute_chunks: int | None = None,
     ) -> None:
         super().__init__()
         _require(dim > 0, f"dim must be positive, got {dim}")
@@ -89,10 +95,13 @@ class NeuralMemory(nn.Module):
         _require(max_lr > 0, f"max_lr must be positive, got {max_lr}")
         _require(conv_kernel >= 1, f"conv_kernel must be >= 1 (1 = no temporal mixing), got {conv_kernel}")
         _require(max_grad_norm is None or max_grad_norm > 0, f"max_grad_norm must be positive or None, got {max_grad_norm}")
+        _require(recompute_chunks is None or (isinstance(recompute_chunks, int) and recompute_chunks >= 1),
+                 f"recompute_chunks must be a positive number of chunks or None (keep every state), got {recompute_chunks!r}")
         self.dim, self.heads, self.depth = dim, heads, depth
         self.head_dim = dim // heads
         self.chunk_size, self.max_lr, self.max_grad_norm = chunk_size, max_lr, max_grad_norm
         self.conv_kernel = conv_kernel
+        self.recompute_chunks = recompute_chunks
 
         self.to_qkv = nn.Linear(dim, 3 * dim, bias=False)
         self.conv = nn.Conv1d(3 * dim, 3 * dim, conv_kernel, groups=3 * dim)
@@ -119,7 +128,7 @@ class NeuralMemory(nn.Module):
 
     def forward(self, x: Tensor, state: MemoryState | None = None) -> tuple[Tensor, MemoryState]:
         """Read x [batch, T, dim], writing to the memory; returns (y [batch, T, dim], new state)."""
-        return self._run(x, state, chunked_memory_update)
+        return self._run(x, state, functools.partial(chunked_memory_update, recompute_chunks=self.recompute_chunks))
 
     def reference(self, x: Tensor, state: MemoryState | None = None) -> tuple[Tensor, MemoryState]:
         """Same as `forward`, computed token by token with autograd (slow; for tests)."""
@@ -193,6 +202,7 @@ class NeuralMemory(nn.Module):
         return (
             f"dim={self.dim}, heads={self.heads}, depth={self.depth}, chunk_size={self.chunk_size}, "
             f"max_lr={self.max_lr}, conv_kernel={self.conv_kernel}, max_grad_norm={self.max_grad_norm}"
+            + (f", recompute_chunks={self.recompute_chunks}" if self.recompute_chunks else "")
         )
 
 

@@ -36,6 +36,7 @@ from typing import NamedTuple, Sequence
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.utils.checkpoint import checkpoint
 
 
 class MemoryCarry(NamedTuple):
@@ -240,6 +241,29 @@ def _chunk_step(
     return h, new_weights, new_momentum
 
 
+def _chunk_steps(
+    pieces: Sequence[tuple[Tensor, ...]],
+    weights: Sequence[Tensor],
+    momentum: Sequence[Tensor],
+    opening: Sequence[Tensor],
+    max_grad_norm: float | None,
+) -> tuple[Tensor, list[Tensor], list[Tensor], list[Tensor]]:
+    """Read and write consecutive chunks, each given as (q, k, v, theta, log_eta, log_keep).
+
+    `opening` is the first chunk's gradient point (its start weights, unless an earlier call opened
+    it); every later chunk starts on a chunk border. Returns (y of all the chunks, W, S after the
+    last, the last chunk's gradient point).
+    """
+    outputs, grad_weights = [], list(opening)
+    for index, (q_c, k_c, v_c, theta_c, eta_c, keep_c) in enumerate(pieces):
+        if index:
+            grad_weights = weights
+        y, weights, momentum = _chunk_step(q_c, k_c, v_c, theta_c, chunk_gates(eta_c, keep_c), weights, momentum,
+                                           grad_weights, max_grad_norm)
+        outputs.append(y)
+    return torch.cat(outputs, dim=1), list(weights), list(momentum), list(grad_weights)
+
+
 def chunked_memory_update(
     q: Tensor,
     k: Tensor,
@@ -250,8 +274,15 @@ def chunked_memory_update(
     carry: MemoryCarry,
     chunk_size: int,
     max_grad_norm: float | None = None,
+    recompute_chunks: int | None = None,
 ) -> tuple[Tensor, MemoryCarry]:
-    """Fast form of `naive_memory_update`: same arguments, same results."""
+    """Fast form of `naive_memory_update`: same arguments, same results.
+
+    `recompute_chunks=g`: when gradients are recorded, keep what backward needs only at every g-th
+    chunk border (the state there) and recompute the g chunks in between during backward
+    (`torch.utils.checkpoint`): training memory falls from a weight-sized state per chunk to one
+    per g chunks, plus one group's internals, for a second forward pass.
+    """
     length = q.shape[1]
     # Chunk borders: first close the chunk an earlier call left open, then full chunks, then a tail.
     head = min((chunk_size - carry.position) % chunk_size, length)
@@ -267,21 +298,25 @@ def chunked_memory_update(
         body = body.unflatten(1, (n_full, chunk_size)).transpose(0, 1).contiguous()
         return [first] * bool(head) + list(body.unbind(0)) + [tail] * bool(tail.shape[1])
 
-    q_chunks, k_chunks, v_chunks, theta_chunks, eta_chunks, keep_chunks = map(chunks, (q, k, v, theta, log_eta, log_keep))
-    # Gates chunk by chunk: batched over all chunks their [c, c] matrices would be large tensors,
-    # slow to allocate and to stream through memory; one chunk's stay in cache.
-    gates_of = [chunk_gates(e, k) for e, k in zip(eta_chunks, keep_chunks)]
-
-    weights, momentum, chunk_start = list(carry.weights), list(carry.momentum), list(carry.chunk_start)
-    position = carry.position
+    # Gates chunk by chunk (inside `_chunk_steps`): batched over all chunks their [c, c] matrices
+    # would be large tensors, slow to allocate and to stream through memory; one chunk's stay in cache.
+    pieces = list(zip(*map(chunks, (q, k, v, theta, log_eta, log_keep))))
+    if not pieces:
+        return q.new_zeros(q.shape), carry
+    weights, momentum = list(carry.weights), list(carry.momentum)
+    opening = list(carry.chunk_start) if carry.position else weights
+    recompute = bool(recompute_chunks) and torch.is_grad_enabled()
+    group = recompute_chunks if recompute else len(pieces)
     outputs = []
-    for q_c, k_c, v_c, theta_c, gates in zip(q_chunks, k_chunks, v_chunks, theta_chunks, gates_of):
-        if position == 0:
-            chunk_start = weights
-        y, weights, momentum = _chunk_step(q_c, k_c, v_c, theta_c, gates, weights, momentum, chunk_start, max_grad_norm)
+    for start in range(0, len(pieces), group):
+        part = pieces[start : start + group]
+        if recompute:
+            y, weights, momentum, last_start = checkpoint(_chunk_steps, part, weights, momentum, opening, max_grad_norm,
+                                                          use_reentrant=False)
+        else:
+            y, weights, momentum, last_start = _chunk_steps(part, weights, momentum, opening, max_grad_norm)
         outputs.append(y)
-        position = (position + q_c.shape[1]) % chunk_size
-    if position == 0:
-        chunk_start = weights
-    y = torch.cat(outputs, dim=1) if outputs else q.new_zeros(q.shape)
-    return y, MemoryCarry(tuple(weights), tuple(momentum), tuple(chunk_start), position)
+        opening = weights
+    position = (carry.position + length) % chunk_size
+    chunk_start = weights if position == 0 else last_start
+    return torch.cat(outputs, dim=1), MemoryCarry(tuple(weights), tuple(momentum), tuple(chunk_start), position)
