@@ -320,6 +320,9 @@ def test_run_records_config_metrics_tags_plot_and_model(fits: list[Fit], in_work
                                                             weights_only=True).eval()
         with torch.no_grad():
             assert torch.allclose(model(x), best(x), atol=1e-5)
+            # and through MLflow's generic interface, numpy in and out, as a serving endpoint would call it
+            served = mlflow.pyfunc.load_model(uri).predict(x.numpy())
+            assert isinstance(served, np.ndarray) and np.allclose(served, best(x).numpy(), atol=1e-5)
         signature = mlflow.models.get_model_info(uri).signature
         assert signature.inputs.inputs[0].shape == (-1, 96, 7) and signature.outputs.inputs[0].shape == (-1, 96, 7)
     assert isinstance(model, TitansForecastingModule) and not model.training  # the pickled one
