@@ -34,6 +34,7 @@ _INTS: dict[str, tuple[int, str]] = {
     "n_persistent": (0, "learned persistent tokens; e.g. 4"),
     "patch_len": (1, "values per token; e.g. 16 (1 = one token per time point)"),
     "patch_stride": (1, "the step between patches; e.g. 8"),
+    "recompute_chunks": (1, "memory chunks per gradient-checkpointing group; e.g. 8 (None = keep every state)"),
 }
 
 #: Float hyperparameters: (lowest, highest, whether the bounds are allowed, what it is and a sensible value).
@@ -85,7 +86,7 @@ def validate_hparams(hparams: Mapping[str, Any]) -> None:
     Raises ValueError naming the argument, the bad value and what to use instead.
     """
     for name, (minimum, hint) in _INTS.items():
-        if name in hparams:
+        if name in hparams and not (name == "recompute_chunks" and hparams[name] is None):
             check_int(name, hparams[name], minimum, hint)
     for name, (low, high, closed, hint) in _FLOATS.items():
         if name in hparams and not (name == "max_grad_norm" and hparams[name] is None):

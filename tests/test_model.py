@@ -76,6 +76,7 @@ def test_wrong_window_shape_is_named():
         (dict(loss="huber"), "loss must be"),
         (dict(loss="quantile", quantiles=(0.1, 0.9)), "include 0.5"),
         (dict(lr=-1.0), "lr must be positive"),
+        (dict(recompute_chunks=0), "recompute_chunks must be an integer >= 1"),
     ],
 )
 def test_bad_module_arguments(kwargs, message):
@@ -155,3 +156,17 @@ def test_checkpoint_loads_with_weights_only(tmp_path):
     assert torch.equal(loaded.target_mean, torch.tensor([1.0, 2.0]))
     out = loaded.predict_step((x,), 0)
     torch.testing.assert_close(out["forecast_original_units"], out["forecast"] * torch.tensor([3.0, 4.0]) + torch.tensor([1.0, 2.0]))
+
+
+def test_recompute_chunks_reaches_every_memory_and_changes_no_gradient():
+    x, y = next(iter(synthetic_loader()))
+    grads = []
+    for recompute in (None, 1):
+        torch.manual_seed(0)
+        module = make_module(variant="mal", chunk_size=1, dropout=0.0, recompute_chunks=recompute)
+        memories = [m for m in module.modules() if type(m).__name__ == "NeuralMemory"]
+        assert memories and all(m.recompute_chunks == recompute for m in memories)
+        torch.nn.functional.mse_loss(module(x), y).backward()
+        grads.append([p.grad for p in module.parameters()])
+    for plain, recomputed in zip(*grads):
+        torch.testing.assert_close(recomputed, plain, rtol=1e-5, atol=1e-7)
