@@ -319,4 +319,5 @@ def chunked_memory_update(
         opening = weights
     position = (carry.position + length) % chunk_size
     chunk_start = weights if position == 0 else last_start
-    return torch.cat(outputs, dim=1), MemoryCarry(tuple(weights), tuple(momentum), tuple(chunk_start), position)
+    y = outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=1)
+    return y, MemoryCarry(tuple(weights), tuple(momentum), tuple(chunk_start), position)
