@@ -1,6 +1,6 @@
 """Training speed and memory of NeuralMemory against two knobs: `recompute_chunks` and glibc's malloc thresholds.
 
-    .venv/bin/python benchmarks/allocator.py            # about 6 minutes on this 2-core machine, idle
+    .venv/bin/python benchmarks/allocator.py            # 278 s on this 2-core machine, idle
     .venv/bin/python benchmarks/allocator.py --quick    # smoke pass, seconds (the test suite runs it)
 
 Every (point, setting) runs in a fresh process: forward + backward of NeuralMemory (heads 4, depth 2,
