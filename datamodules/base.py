@@ -39,7 +39,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from .time_features import infer_freq, normalize_freq, time_feature_names, time_features
 
-__all__ = ["FEATURE_MODES", "FILL_METHODS", "TimeSeriesDataModule", "WindowDataset", "read_csv"]
+__all__ = ["FEATURE_MODES", "FILL_METHODS", "TimeSeriesDataModule", "WindowDataset", "check_int", "read_csv"]
 
 
 Features = Literal["M", "S", "MS"]
@@ -130,13 +130,10 @@ def read_csv(path: str | os.PathLike[str]) -> pd.DataFrame:
         return pd.read_csv(path, encoding="latin-1")
 
 
-#: A sensible value of each integer argument, named in error messages.
-_EXAMPLES = {"lookback": 96, "horizon": 96, "batch_size": 32, "num_workers": 0}
-
-
-def _check_positive_int(name: str, value: Any, minimum: int = 1) -> int:
+def check_int(name: str, value: Any, minimum: int = 1, hint: str = "") -> int:
+    """``value`` as an int >= ``minimum``; ValueError naming ``name``, the value and ``hint`` otherwise."""
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}; pass e.g. {name}={_EXAMPLES[name]}")
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}" + (f": {hint}" if hint else ""))
     return int(value)
 
 
@@ -344,10 +341,10 @@ class _WindowDataModule(LightningDataModule):
         pin_memory: bool,
     ) -> None:
         super().__init__()
-        self.lookback = _check_positive_int("lookback", lookback)
-        self.horizon = _check_positive_int("horizon", horizon)
-        self.batch_size = _check_positive_int("batch_size", batch_size)
-        self.num_workers = _check_positive_int("num_workers", num_workers, minimum=0)
+        self.lookback = check_int("lookback", lookback, 1, "pass e.g. lookback=96")
+        self.horizon = check_int("horizon", horizon, 1, "pass e.g. horizon=96")
+        self.batch_size = check_int("batch_size", batch_size, 1, "pass e.g. batch_size=32")
+        self.num_workers = check_int("num_workers", num_workers, 0, "pass e.g. num_workers=0")
         if features not in FEATURE_MODES:
             raise ValueError(f"unknown features mode {features!r}; use one of {list(FEATURE_MODES)} "
                              "('M' multivariate, 'S' target only, 'MS' all channels in, target out)")

@@ -13,7 +13,6 @@ starts, matplotlib when a figure is drawn.
 
 from __future__ import annotations
 
-import argparse
 import inspect
 import sys
 import warnings
@@ -29,9 +28,9 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveCon
 # Imported so that short names resolve: --data ETTh1DataModule (jsonargparse knows imported subclasses).
 import datamodules  # noqa: F401
 from forecasters.checkpointing import LAST_CHECKPOINT, find_last_checkpoint, read_checkpoint, use_atomic_checkpoints
+from forecasters.command import DESCRIPTION, compare_main, main  # noqa: F401 - main and compare_main re-exported
 from forecasters.module import TitansForecastingModule
 from forecasters.tracking import DEFAULT_EXPERIMENT, TitansMLFlowLogger, dataset_name, run_tags
-from forecasters.command import DESCRIPTION, compare_main, main  # noqa: F401 - main and compare_main re-exported
 from forecasters.validation import check_checkpoint_fits
 
 __all__ = ["MLflowSaveConfigCallback", "TitansCLI", "compare_main", "main", "run_cli"]

@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from datamodules.base import check_int
 from forecasters.baselines import MODEL_NAMES
 
 __all__ = ["check_checkpoint_fits", "check_float", "check_int", "validate_hparams", "ARCHITECTURE_HPARAMS"]
@@ -52,13 +53,6 @@ ARCHITECTURE_HPARAMS: tuple[str, ...] = (
     "n_channels", "lookback", "horizon", "n_targets", "variant", "dim", "n_layers", "heads", "memory_depth",
     "n_persistent", "ff_mult", "patch_len", "patch_stride", "channel_independent", "revin", "loss", "quantiles",
 )
-
-
-def check_int(name: str, value: Any, minimum: int = 1, hint: str = "") -> int:
-    """``value`` as an int >= ``minimum``; ValueError naming ``name``, the value and ``hint`` otherwise."""
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}" + (f": {hint}" if hint else ""))
-    return int(value)
 
 
 def check_float(name: str, value: Any, low: float, high: float, closed: tuple[bool, bool] = (True, True),
