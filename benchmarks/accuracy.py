@@ -20,7 +20,13 @@ selection on ``val_mse`` (no tuning on test). Each run is logged to MLflow (expe
 
 A study of other hyperparameters passes them with ``--set KEY=VALUE`` (``titans-ts fit`` keys, e.g.
 ``model.lr=0.0001``), recorded in each record's ``overrides``; it goes to its own ``--out``, never
-into the main grid's file, and is judged on ``best_val_mse`` only before any config changes.
+into the main grid's file, and is judged on ``best_val_mse`` only before any config changes
+(``--baseline benchmarks/results/accuracy.json`` puts its runs beside the grid's in its summary).
+Once a config takes a study's setting, ``--adopt STUDY`` moves the study's runs into the grid (same
+code, config and seed: the same run) and the grid's runs with the old setting out to a study file
+of their own, e.g.::
+
+    .venv/bin/python benchmarks/accuracy.py --adopt benchmarks/results/studies/lr_0.0001.json --models lmm mal
 
 Each finished run is appended to ``benchmarks/results/accuracy.json`` at once (one record per
 dataset, model, lookback, horizon, seed), so an interrupted grid continues with ``--resume``;
@@ -50,7 +56,7 @@ import statistics
 import sys
 import time
 from collections import defaultdict
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, astuple, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -353,10 +359,129 @@ def plot(records: list[dict[str, Any]], path: Path) -> None:
     plt.close(fig)
 
 
-def write_outputs(records: list[dict[str, Any]], out: Path) -> None:
-    out.with_name(out.stem + "_summary.md").write_text(summary_table(records))
+def write_outputs(records: list[dict[str, Any]], out: Path, baseline: Path | None = None) -> None:
+    """The summary (and, for a study, its comparison with `baseline`'s runs of the same cells) and the PNG."""
+    summary = summary_table(records)
+    if baseline is not None:
+        summary += "\n" + "\n".join(study_comparison(records, load_records(baseline))) + "\n"
+    out.with_name(out.stem + "_summary.md").write_text(summary)
     if records:
         plot(records, out.with_suffix(".png"))
+
+
+# --- studies: compare on validation, adopt ------------------------------------------------------
+def study_comparison(study: list[dict[str, Any]], base: list[dict[str, Any]]) -> list[str]:
+    """Markdown: a study's runs beside the same cells of `base` (validation first: that is what decides),
+    and per model how often and by how much validation favours the study's settings."""
+    base_by_cell = {Cell.of(r): r for r in base}
+    pairs = [(base_by_cell[Cell.of(r)], r) for r in sorted(study, key=lambda r: astuple(Cell.of(r)))
+             if Cell.of(r) in base_by_cell]
+    if not pairs:
+        return ["No cell of this study is in the baseline file yet."]
+    settings = ", ".join(f"{k}={v}" for k, v in study[0].get("overrides", {}).items()) or "the shipped configs"
+    lines = [f"### Against the baseline file: {settings} (study) vs as there (base), same cells", "",
+             "| dataset | model | L | H | seed | val MSE base | val MSE study | test MSE / MAE base | test MSE / MAE study "
+             "| epochs (base, study) |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for b, s in pairs:
+        better = s["best_val_mse"] < b["best_val_mse"]
+        lines.append(f"| {s['dataset']} | {s['model']} | {s['lookback']} | {s['horizon']} | {s['seed']} "
+                     f"| {b['best_val_mse']:.4f} | {'**' * better}{s['best_val_mse']:.4f}{'**' * better} "
+                     f"| {b['test_mse']:.3f} / {b['test_mae']:.3f} | {s['test_mse']:.3f} / {s['test_mae']:.3f} "
+                     f"| {b['epochs_trained']}, {s['epochs_trained']} |")
+    lines += ["", "| model | cells | validation favours the study in | mean val MSE ratio (study / base) |",
+              "| --- | --- | --- | --- |"]
+    for model in [m for m in MODELS if any(s["model"] == m for _, s in pairs)]:
+        ratios = [s["best_val_mse"] / b["best_val_mse"] for b, s in pairs if s["model"] == model]
+        lines.append(f"| {model} | {len(ratios)} | {sum(r < 1 for r in ratios)} | {statistics.fmean(ratios):.4f} |")
+    return lines
+
+
+def config_value(dataset: str, model: str, key: str, read_text: Any = None) -> Any:
+    """The value of a dotted `titans-ts fit` key (``model.lr``) in the shipped config of a cell, following the
+    config's file references (``model: ../model/mal.yaml``). `read_text(path relative to the repo)` reads the
+    files (default: the working tree), so the same lookup works at an old commit."""
+    import posixpath
+
+    import yaml
+
+    read_text = read_text or (lambda rel: (ROOT / rel).read_text())
+    start = rel = f"configs/{dataset}/{model}.yaml"
+    node: Any = yaml.safe_load(read_text(rel))
+    for part in key.split("."):
+        if not isinstance(node, dict) or part not in node:
+            raise KeyError(f"{key} is not spelled out in {rel}" + (f" (reached from {start})" if rel != start else ""))
+        node = node[part]
+        if isinstance(node, str) and node.endswith((".yaml", ".yml")):
+            rel = posixpath.normpath(posixpath.join(posixpath.dirname(rel), node))
+            node = yaml.safe_load(read_text(rel))
+    return node
+
+
+def git_reader(commit: str) -> Any:
+    """`read_text` for `config_value` at a commit of this repository."""
+    import subprocess
+
+    def read_text(rel: str) -> str:
+        shown = subprocess.run(["git", "show", f"{commit}:{rel}"], cwd=ROOT, capture_output=True, text=True)
+        if shown.returncode:
+            raise KeyError(f"cannot read {rel} at commit {commit}: {shown.stderr.strip()}")
+        return shown.stdout
+
+    return read_text
+
+
+def adopt(study_path: Path, out: Path, datasets: list[str], models: list[str]) -> Path:
+    """Move a study's runs into the main grid once the shipped configs hold its settings.
+
+    Same code, config and seed make the same run, so a study run whose overrides the configs now carry is
+    a run of the grid: it moves in (marked ``adopted_from``, its overrides kept as ``run_with``). The grid's
+    runs of the same (dataset, model) were made with the old settings, read from the configs at each
+    run's commit; they move out to a study file of those settings next to `study_path`. Returns that file.
+    """
+    import yaml
+
+    study = [r for r in load_records(study_path) if r["dataset"] in datasets and r["model"] in models]
+    if not study:
+        raise SystemExit(f"{study_path} has no runs of {models} on {datasets}")
+    overrides = study[0]["overrides"]
+    if not overrides:
+        raise SystemExit(f"{study_path} holds runs of the shipped configs, not a study")
+    pairs = sorted({(r["dataset"], r["model"]) for r in study})
+    for dataset, model in pairs:
+        for key, value in overrides.items():
+            shipped = config_value(dataset, model, key)
+            if shipped != yaml.safe_load(value):
+                raise SystemExit(f"configs/{dataset}/{model}.yaml has {key}={shipped}, the study ran {key}={value}: "
+                                 f"change the config first, then adopt")
+    grid_records = load_records(out)
+    retired = [r for r in grid_records if (r["dataset"], r["model"]) in pairs]
+    old_values = {}
+    for r in retired:
+        try:
+            settings = {key: config_value(r["dataset"], r["model"], key, git_reader(r["git_commit"])) for key in overrides}
+        except KeyError as exc:
+            raise SystemExit(f"cannot tell the settings of the grid's run {Cell.of(r)} from its commit: {exc.args[0]}; "
+                             f"re-run that cell instead of adopting") from exc
+        old_values.setdefault(json.dumps(settings, sort_keys=True), settings)
+    if len(old_values) > 1:
+        raise SystemExit(f"the grid's runs of {pairs} were made with different settings {list(old_values)}: "
+                         f"adopt per model")
+    old = next(iter(old_values.values()), None)
+    retired_path = study_path.with_name("_".join(f"{k.split('.')[-1]}_{v}" for k, v in (old or {}).items()) + ".json")
+    if retired:
+        previous = [r for r in load_records(retired_path) if Cell.of(r) not in {Cell.of(x) for x in retired}]
+        if any(r["overrides"] != {k: str(v) for k, v in old.items()} for r in previous):
+            raise SystemExit(f"{retired_path} holds a different study: move it away first")
+        save_records(previous + [{**r, "overrides": {k: str(v) for k, v in old.items()}} for r in retired], retired_path)
+        write_outputs(load_records(retired_path), retired_path)
+    relative = os.path.relpath(study_path, out.parent)
+    adopted = [{**r, "overrides": {}, "run_with": r["overrides"], "adopted_from": relative} for r in study]
+    kept = [r for r in grid_records if (r["dataset"], r["model"]) not in pairs]
+    save_records(kept + adopted, out)
+    write_outputs(load_records(out), out)
+    print(f"adopted {len(adopted)} run(s) of {pairs} from {study_path}; "
+          f"{len(retired)} run(s) with the old settings moved to {retired_path if retired else 'nowhere (none)'}")
+    return retired_path
 
 
 # --- main ---------------------------------------------------------------------------------------
@@ -381,7 +506,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--out", type=Path, default=RESULTS / "accuracy.json")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides",
                         help="a `titans-ts fit` override for every run (e.g. model.lr=0.0001); needs its own --out")
+    parser.add_argument("--baseline", type=Path, default=None,
+                        help="for a study: compare its runs with this file's runs of the same cells in the summary")
+    parser.add_argument("--adopt", type=Path, default=None, metavar="STUDY",
+                        help="move STUDY's runs (of --datasets, --models) into --out, once the configs hold its settings; "
+                             "--out's runs with the old settings move to a study file of their own")
     args = parser.parse_args(argv)
+    if args.adopt and args.overrides:
+        parser.error("--adopt moves finished runs; it takes no --set")
     args.overrides = parse_overrides(args.overrides, parser)
     if args.overrides and args.out.resolve() == (RESULTS / "accuracy.json").resolve():
         parser.error("runs with --set are a study: give them their own --out, the main grid keeps the shipped configs")
@@ -420,9 +552,12 @@ def cells_to_run(args: argparse.Namespace, records: list[dict[str, Any]]) -> lis
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    if args.adopt:
+        adopt(args.adopt.resolve(), args.out, args.datasets, args.models)
+        return
     records = load_records(args.out)
     if args.summary_only:
-        write_outputs(records, args.out)
+        write_outputs(records, args.out, args.baseline)
         print(summary_table(records))
         return
     if records and not (args.resume or args.overwrite):
@@ -445,12 +580,12 @@ def main(argv: list[str] | None = None) -> None:
             print(f"    FAILED: {type(exc).__name__}: {exc}; the cell stays missing", flush=True)
             continue
         records = append_record(record, args.out)
-        write_outputs(records, args.out)
+        write_outputs(records, args.out, args.baseline)
         print(f"    test_mse={record['test_mse']:.4f} test_mae={record['test_mae']:.4f} val_mse={record['best_val_mse']:.4f} "
               f"epochs={record['epochs_trained']} s/epoch={record['epoch_seconds']:.1f} fit={record['fit_seconds']:.0f}s "
               f"load={record['load_avg_before']}", flush=True)
     if not todo:
-        write_outputs(records, args.out)
+        write_outputs(records, args.out, args.baseline)
     print(summary_table(records))
 
 

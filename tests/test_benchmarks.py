@@ -133,3 +133,70 @@ def test_allocator_quick(tmp_path):
     assert [r["recompute_chunks"] for r in records] == [None, 8, None, 8]
     # the knobs change where memory goes, never the result
     assert len({r["grad_norm"] for r in records}) == 1
+
+
+def test_accuracy_config_value_follows_references_at_any_commit():
+    import pytest
+
+    accuracy = load_benchmark("accuracy")
+    assert accuracy.config_value("etth2", "mal", "model.variant") == "mal"
+    assert accuracy.config_value("etth1", "lmm", "data.init_args.batch_size") == 32
+    assert accuracy.config_value("etth1", "mal", "trainer.max_epochs") == accuracy.config_value(
+        "etth1", "mal", "trainer.max_epochs", accuracy.git_reader("HEAD"))
+    with pytest.raises(KeyError, match=r"model.no_such_key is not spelled out in configs/model/mal.yaml \(reached from configs/etth1/mal.yaml\)"):
+        accuracy.config_value("etth1", "mal", "model.no_such_key")
+
+
+def grid_record(model, horizon, seed, val, overrides=None, dataset="etth1"):
+    return {"dataset": dataset, "model": model, "lookback": 96, "horizon": horizon, "seed": seed, "test_mse": val / 2,
+            "test_mae": val / 2, "best_val_mse": val, "epoch_seconds": 1.0, "epochs_trained": 4, "git_commit": "abc1234",
+            "overrides": overrides or {}}
+
+
+def test_accuracy_study_comparison_puts_validation_first():
+    accuracy = load_benchmark("accuracy")
+    study = [grid_record("lmm", 96, 0, 0.69, {"model.lr": "0.0001"}), grid_record("lmm", 336, 0, 1.31, {"model.lr": "0.0001"}),
+             grid_record("mal", 96, 0, 0.70, {"model.lr": "0.0001"})]
+    base = [grid_record("lmm", 96, 0, 0.70), grid_record("lmm", 336, 0, 1.30), grid_record("dlinear", 96, 0, 0.5)]
+    lines = accuracy.study_comparison(study, base)
+    assert "| etth1 | lmm | 96 | 96 | 0 | 0.7000 | **0.6900** | 0.350 / 0.350 | 0.345 / 0.345 | 4, 4 |" in lines
+    assert "| etth1 | lmm | 96 | 336 | 0 | 1.3000 | 1.3100 | 0.650 / 0.650 | 0.655 / 0.655 | 4, 4 |" in lines
+    ratio = (0.69 / 0.70 + 1.31 / 1.30) / 2
+    assert f"| lmm | 2 | 1 | {ratio:.4f} |" in lines
+    assert not any(line.startswith("| mal") or "| mal |" in line for line in lines)  # no base cell: not compared
+    assert accuracy.study_comparison(study, []) == ["No cell of this study is in the baseline file yet."]
+
+
+def test_accuracy_adopt_moves_study_runs_in_and_old_runs_out(tmp_path, monkeypatch):
+    import pytest
+
+    accuracy = load_benchmark("accuracy")
+    shipped = {"lr": 0.001}
+    # the configs: `shipped` in the working tree, 0.001 at every recorded commit
+    monkeypatch.setattr(accuracy, "config_value", lambda d, m, key, read_text=None: shipped["lr"] if read_text is None else 0.001)
+    monkeypatch.setattr(accuracy, "git_reader", lambda commit: commit)
+    out, study_path = tmp_path / "accuracy.json", tmp_path / "studies" / "lr_0.0001.json"
+    grid = [grid_record("lmm", 96, 0, 0.70), grid_record("lmm", 96, 1, 0.71), grid_record("dlinear", 96, 0, 0.5),
+            grid_record("lmm", 96, 0, 0.30, dataset="etth2")]
+    study = [grid_record("lmm", 96, 0, 0.69, {"model.lr": "0.0001"}), grid_record("mal", 96, 0, 0.68, {"model.lr": "0.0001"})]
+    accuracy.save_records(grid, out)
+    accuracy.save_records(study, study_path)
+
+    with pytest.raises(SystemExit, match=r"configs/etth1/lmm.yaml has model.lr=0.001, the study ran model.lr=0.0001: change"):
+        accuracy.adopt(study_path, out, ["etth1"], ["lmm"])
+    assert accuracy.load_records(out) == grid  # refused: nothing moved
+
+    shipped["lr"] = 0.0001
+    retired_path = accuracy.adopt(study_path, out, ["etth1"], ["lmm"])
+    assert retired_path == tmp_path / "studies" / "lr_0.001.json"
+    records = accuracy.load_records(out)
+    assert sorted((r["dataset"], r["model"], r["seed"], r["best_val_mse"]) for r in records) == [
+        ("etth1", "dlinear", 0, 0.5), ("etth1", "lmm", 0, 0.69), ("etth2", "lmm", 0, 0.30)]
+    adopted = next(r for r in records if r["model"] == "lmm" and r["dataset"] == "etth1")
+    assert adopted["overrides"] == {} and adopted["run_with"] == {"model.lr": "0.0001"}
+    assert adopted["adopted_from"] == "studies/lr_0.0001.json"
+    retired = accuracy.load_records(retired_path)  # both seeds ran with the old setting, so both move out
+    assert sorted((r["seed"], r["best_val_mse"]) for r in retired) == [(0, 0.70), (1, 0.71)]
+    assert all(r["overrides"] == {"model.lr": "0.001"} for r in retired)
+    assert accuracy.load_records(study_path) == study  # the study itself stays as it was
+    assert (tmp_path / "accuracy_summary.md").exists() and (tmp_path / "studies" / "lr_0.001_summary.md").exists()
