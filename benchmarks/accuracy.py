@@ -481,6 +481,10 @@ def adopt(study_path: Path, out: Path, datasets: list[str], models: list[str]) -
     write_outputs(load_records(out), out)
     print(f"adopted {len(adopted)} run(s) of {pairs} from {study_path}; "
           f"{len(retired)} run(s) with the old settings moved to {retired_path if retired else 'nowhere (none)'}")
+    missing = {Cell.of(r) for r in retired} - {Cell.of(r) for r in adopted}
+    if missing:
+        print(f"{len(missing)} cell(s) the grid had now lack a run with the new settings "
+              f"(e.g. {min(missing, key=astuple)}): `--resume` runs them")
     return retired_path
 
 

@@ -167,7 +167,7 @@ def test_accuracy_study_comparison_puts_validation_first():
     assert accuracy.study_comparison(study, []) == ["No cell of this study is in the baseline file yet."]
 
 
-def test_accuracy_adopt_moves_study_runs_in_and_old_runs_out(tmp_path, monkeypatch):
+def test_accuracy_adopt_moves_study_runs_in_and_old_runs_out(tmp_path, monkeypatch, capsys):
     import pytest
 
     accuracy = load_benchmark("accuracy")
@@ -198,5 +198,6 @@ def test_accuracy_adopt_moves_study_runs_in_and_old_runs_out(tmp_path, monkeypat
     retired = accuracy.load_records(retired_path)  # both seeds ran with the old setting, so both move out
     assert sorted((r["seed"], r["best_val_mse"]) for r in retired) == [(0, 0.70), (1, 0.71)]
     assert all(r["overrides"] == {"model.lr": "0.001"} for r in retired)
+    assert "1 cell(s) the grid had now lack a run with the new settings" in capsys.readouterr().out  # seed 1
     assert accuracy.load_records(study_path) == study  # the study itself stays as it was
     assert (tmp_path / "accuracy_summary.md").exists() and (tmp_path / "studies" / "lr_0.001_summary.md").exists()
