@@ -21,7 +21,8 @@ selection on ``val_mse`` (no tuning on test). Each run is logged to MLflow (expe
 A study of other hyperparameters passes them with ``--set KEY=VALUE`` (``titans-ts fit`` keys, e.g.
 ``model.lr=0.0001``), recorded in each record's ``overrides``; it goes to its own ``--out``, never
 into the main grid's file, and is judged on ``best_val_mse`` only before any config changes
-(``--baseline benchmarks/results/accuracy.json`` puts its runs beside the grid's in its summary).
+(``--baseline benchmarks/results/accuracy.json`` puts its runs beside the grid's in its summary;
+several files may be given, e.g. the grid and the runs it retired on adopting a study).
 Once a config takes a study's setting, ``--adopt STUDY`` moves the study's runs into the grid (same
 code, config and seed: the same run) and the grid's runs with the old setting out to a study file
 of their own, e.g.::
@@ -359,11 +360,12 @@ def plot(records: list[dict[str, Any]], path: Path) -> None:
     plt.close(fig)
 
 
-def write_outputs(records: list[dict[str, Any]], out: Path, baseline: Path | None = None) -> None:
-    """The summary (and, for a study, its comparison with `baseline`'s runs of the same cells) and the PNG."""
+def write_outputs(records: list[dict[str, Any]], out: Path, baseline: list[Path] | None = None) -> None:
+    """The summary (and, for a study, its comparison with the `baseline` files' runs of the same cells) and the PNG."""
     summary = summary_table(records)
-    if baseline is not None:
-        summary += "\n" + "\n".join(study_comparison(records, load_records(baseline))) + "\n"
+    if baseline:
+        base = [r for path in baseline for r in load_records(path)]
+        summary += "\n" + "\n".join(study_comparison(records, base)) + "\n"
     out.with_name(out.stem + "_summary.md").write_text(summary)
     if records:
         plot(records, out.with_suffix(".png"))
@@ -373,7 +375,8 @@ def write_outputs(records: list[dict[str, Any]], out: Path, baseline: Path | Non
 def study_comparison(study: list[dict[str, Any]], base: list[dict[str, Any]]) -> list[str]:
     """Markdown: a study's runs beside the same cells of `base` (validation first: that is what decides),
     and per model how often and by how much validation favours the study's settings."""
-    base_by_cell = {Cell.of(r): r for r in base}
+    runs = {r.get("mlflow_run_id") for r in study} - {None}
+    base_by_cell = {Cell.of(r): r for r in base if r.get("mlflow_run_id") not in runs}  # not a study run adopted there
     pairs = [(base_by_cell[Cell.of(r)], r) for r in sorted(study, key=lambda r: astuple(Cell.of(r)))
              if Cell.of(r) in base_by_cell]
     if not pairs:
@@ -510,8 +513,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--out", type=Path, default=RESULTS / "accuracy.json")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides",
                         help="a `titans-ts fit` override for every run (e.g. model.lr=0.0001); needs its own --out")
-    parser.add_argument("--baseline", type=Path, default=None,
-                        help="for a study: compare its runs with this file's runs of the same cells in the summary")
+    parser.add_argument("--baseline", type=Path, nargs="+", default=None, metavar="FILE",
+                        help="for a study: compare its runs with these files' runs of the same cells in the summary")
     parser.add_argument("--adopt", type=Path, default=None, metavar="STUDY",
                         help="move STUDY's runs (of --datasets, --models) into --out, once the configs hold its settings; "
                              "--out's runs with the old settings move to a study file of their own")

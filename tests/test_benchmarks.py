@@ -165,6 +165,9 @@ def test_accuracy_study_comparison_puts_validation_first():
     assert f"| lmm | 2 | 1 | {ratio:.4f} |" in lines
     assert not any(line.startswith("| mal") or "| mal |" in line for line in lines)  # no base cell: not compared
     assert accuracy.study_comparison(study, []) == ["No cell of this study is in the baseline file yet."]
+    adopted = [{**r, "mlflow_run_id": f"run{i}"} for i, r in enumerate(study)]  # the study's runs, now in the grid too
+    assert accuracy.study_comparison(adopted, [*base, *({**r, "overrides": {}} for r in adopted)]) == [
+        line for line in lines]  # compared with the old runs, never with themselves
 
 
 def test_accuracy_adopt_moves_study_runs_in_and_old_runs_out(tmp_path, monkeypatch, capsys):
