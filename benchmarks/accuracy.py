@@ -421,13 +421,23 @@ def config_value(dataset: str, model: str, key: str, read_text: Any = None) -> A
 
 
 def git_reader(commit: str) -> Any:
-    """`read_text` for `config_value` at a commit of this repository."""
+    """`read_text` for `config_value` at a commit of this repository.
+
+    A file the commit lacks is read as first committed after it: a run records the commit it was made
+    on, and a config still uncommitted then (a new model run before its commit) landed in a later one.
+    """
     import subprocess
 
+    def git(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True)
+
     def read_text(rel: str) -> str:
-        shown = subprocess.run(["git", "show", f"{commit}:{rel}"], cwd=ROOT, capture_output=True, text=True)
+        shown = git("show", f"{commit}:{rel}")
         if shown.returncode:
-            raise KeyError(f"cannot read {rel} at commit {commit}: {shown.stderr.strip()}")
+            added = git("log", "--diff-filter=A", "--format=%h", "--reverse", f"{commit}..HEAD", "--", rel).stdout.split()
+            shown = git("show", f"{added[0]}:{rel}") if added else shown
+        if shown.returncode:
+            raise KeyError(f"cannot read {rel} at commit {commit} or later: {shown.stderr.strip()}")
         return shown.stdout
 
     return read_text

@@ -143,6 +143,9 @@ def test_accuracy_config_value_follows_references_at_any_commit():
     assert accuracy.config_value("etth1", "lmm", "data.init_args.batch_size") == 32
     assert accuracy.config_value("etth1", "mal", "trainer.max_epochs") == accuracy.config_value(
         "etth1", "mal", "trainer.max_epochs", accuracy.git_reader("HEAD"))
+    # a config added after a commit reads as first committed (a run made before its model's config landed)
+    first = subprocess.run(["git", "log", "--format=%h", "--reverse"], cwd=ROOT, capture_output=True, text=True).stdout.split()[0]
+    assert accuracy.config_value("etth1", "mal", "model.variant", accuracy.git_reader(first)) == "mal"
     with pytest.raises(KeyError, match=r"model.no_such_key is not spelled out in configs/model/mal.yaml \(reached from configs/etth1/mal.yaml\)"):
         accuracy.config_value("etth1", "mal", "model.no_such_key")
 
