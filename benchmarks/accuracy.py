@@ -37,12 +37,12 @@ the machine is shared, so each record also keeps the 1-minute load average befor
 The summary (``accuracy_summary.md``: mean and std over seeds per horizon, the 4-horizon average
 next to published figures) and ``accuracy.png`` are rebuilt after every run.
 
-Run time measured on this 2-core machine, one torch thread per worker, shared with other jobs
-(load 5-8), L=96: DLinear 0.5-2 minutes per run (4-8 s per epoch), PatchTST 9-13 minutes (95-110 s
-per epoch), MAC 32 minutes (350 s per epoch, 5 epochs before early stopping). Runs stop early on
-``val_mse`` (patience 3, at most 20 epochs). The full grid (2 datasets x 6 models x 4 horizons x 3
-seeds = 144 runs, plus the lookback study) takes days here: run it in pieces with ``--resume``,
-or on a bigger machine.
+Run time measured on this 2-core machine, one torch thread per worker, two workers (load about 2),
+L=96, shipped learning rates (the ``fit_seconds`` of the records): DLinear 0.2-1.3 minutes per run,
+PatchTST 1.5-4.3, LMM 4.4-7.8, MAG 4.5-8.6, MAC 5.4-9.5 and MAL 6.0-13.3 (4-9 epochs before early
+stopping). Runs stop early on ``val_mse`` (patience 3, at most 20 epochs). The full grid (2 datasets
+x 6 models x 4 horizons x 3 seeds = 144 runs) takes about 7 hours of both cores here, the lookback
+study hours more: run it in pieces with ``--resume``, or on a bigger machine.
 """
 
 from __future__ import annotations
