@@ -459,22 +459,42 @@ def adopt(study_path: Path, out: Path, datasets: list[str], models: list[str]) -
     overrides = study[0]["overrides"]
     if not overrides:
         raise SystemExit(f"{study_path} holds runs of the shipped configs, not a study")
-    pairs = sorted({(r["dataset"], r["model"]) for r in study})
+    pairs = sorted({(d, r["model"]) for d in datasets for r in study})  # a dataset the study lacks is retired too
     for dataset, model in pairs:
         for key, value in overrides.items():
             shipped = config_value(dataset, model, key)
             if shipped != yaml.safe_load(value):
                 raise SystemExit(f"configs/{dataset}/{model}.yaml has {key}={shipped}, the study ran {key}={value}: "
                                  f"change the config first, then adopt")
+    new_values = {key: yaml.safe_load(value) for key, value in overrides.items()}
+
+    def run_settings(record: dict[str, Any]) -> dict[str, Any]:
+        """The study's keys as a grid run had them: its overrides (an adopted run's `run_with`), else its
+        config at its commit."""
+        ran_with = record.get("run_with") or record.get("overrides") or {}
+        try:
+            return {key: yaml.safe_load(ran_with[key]) if key in ran_with else
+                    config_value(record["dataset"], record["model"], key, git_reader(record["git_commit"]))
+                    for key in overrides}
+        except KeyError as exc:
+            raise SystemExit(f"cannot tell the settings of the grid's run {Cell.of(record)} from its commit: "
+                             f"{exc.args[0]}; re-run that cell instead of adopting") from exc
+
     grid_records = load_records(out)
-    retired = [r for r in grid_records if (r["dataset"], r["model"]) in pairs]
+    # The grid's runs of `pairs` with the old setting retire; runs that already have the new one (adopted
+    # before, or run since the config changed) stay, and the study adds only the cells they lack.
+    retired = [r for r in grid_records if (r["dataset"], r["model"]) in pairs and run_settings(r) != new_values]
+    kept = [r for r in grid_records if r not in retired]
+    # A config may serve several datasets: runs outside `pairs` must still match the configs after adoption.
+    stale = sorted({(r["dataset"], r["model"]) for r in kept
+                    if (r["dataset"], r["model"]) not in pairs and r["model"] in {m for _, m in pairs}
+                    and run_settings(r) != {key: config_value(r["dataset"], r["model"], key) for key in overrides}})
+    if stale:
+        raise SystemExit(f"the configs changed for {stale} too, and the grid's runs there have the old setting: "
+                         f"adopt with their datasets as well (their missing cells are then re-run with --resume)")
     old_values = {}
     for r in retired:
-        try:
-            settings = {key: config_value(r["dataset"], r["model"], key, git_reader(r["git_commit"])) for key in overrides}
-        except KeyError as exc:
-            raise SystemExit(f"cannot tell the settings of the grid's run {Cell.of(r)} from its commit: {exc.args[0]}; "
-                             f"re-run that cell instead of adopting") from exc
+        settings = run_settings(r)
         old_values.setdefault(json.dumps(settings, sort_keys=True), settings)
     if len(old_values) > 1:
         raise SystemExit(f"the grid's runs of {pairs} were made with different settings {list(old_values)}: "
@@ -488,13 +508,14 @@ def adopt(study_path: Path, out: Path, datasets: list[str], models: list[str]) -
         save_records(previous + [{**r, "overrides": {k: str(v) for k, v in old.items()}} for r in retired], retired_path)
         write_outputs(load_records(retired_path), retired_path)
     relative = os.path.relpath(study_path, out.parent)
-    adopted = [{**r, "overrides": {}, "run_with": r["overrides"], "adopted_from": relative} for r in study]
-    kept = [r for r in grid_records if (r["dataset"], r["model"]) not in pairs]
+    have = {Cell.of(r) for r in kept}
+    adopted = [{**r, "overrides": {}, "run_with": r["overrides"], "adopted_from": relative} for r in study
+               if Cell.of(r) not in have]
     save_records(kept + adopted, out)
     write_outputs(load_records(out), out)
     print(f"adopted {len(adopted)} run(s) of {pairs} from {study_path}; "
           f"{len(retired)} run(s) with the old settings moved to {retired_path if retired else 'nowhere (none)'}")
-    missing = {Cell.of(r) for r in retired} - {Cell.of(r) for r in adopted}
+    missing = {Cell.of(r) for r in retired} - {Cell.of(r) for r in adopted} - have
     if missing:
         print(f"{len(missing)} cell(s) the grid had now lack a run with the new settings "
               f"(e.g. {min(missing, key=astuple)}): `--resume` runs them")

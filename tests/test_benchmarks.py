@@ -193,17 +193,22 @@ def test_accuracy_adopt_moves_study_runs_in_and_old_runs_out(tmp_path, monkeypat
     assert accuracy.load_records(out) == grid  # refused: nothing moved
 
     shipped["lr"] = 0.0001
-    retired_path = accuracy.adopt(study_path, out, ["etth1"], ["lmm"])
+    with pytest.raises(SystemExit, match=r"the configs changed for \[\('etth2', 'lmm'\)\] too"):
+        accuracy.adopt(study_path, out, ["etth1"], ["lmm"])  # one config serves both datasets
+    retired_path = accuracy.adopt(study_path, out, ["etth1", "etth2"], ["lmm"])
     assert retired_path == tmp_path / "studies" / "lr_0.001.json"
     records = accuracy.load_records(out)
     assert sorted((r["dataset"], r["model"], r["seed"], r["best_val_mse"]) for r in records) == [
-        ("etth1", "dlinear", 0, 0.5), ("etth1", "lmm", 0, 0.69), ("etth2", "lmm", 0, 0.30)]
+        ("etth1", "dlinear", 0, 0.5), ("etth1", "lmm", 0, 0.69)]
     adopted = next(r for r in records if r["model"] == "lmm" and r["dataset"] == "etth1")
     assert adopted["overrides"] == {} and adopted["run_with"] == {"model.lr": "0.0001"}
     assert adopted["adopted_from"] == "studies/lr_0.0001.json"
-    retired = accuracy.load_records(retired_path)  # both seeds ran with the old setting, so both move out
-    assert sorted((r["seed"], r["best_val_mse"]) for r in retired) == [(0, 0.70), (1, 0.71)]
+    retired = accuracy.load_records(retired_path)  # every run with the old setting moves out
+    assert sorted((r["dataset"], r["seed"], r["best_val_mse"]) for r in retired) == [
+        ("etth1", 0, 0.70), ("etth1", 1, 0.71), ("etth2", 0, 0.30)]
     assert all(r["overrides"] == {"model.lr": "0.001"} for r in retired)
-    assert "1 cell(s) the grid had now lack a run with the new settings" in capsys.readouterr().out  # seed 1
+    assert "2 cell(s) the grid had now lack a run with the new settings" in capsys.readouterr().out  # seed 1, etth2
     assert accuracy.load_records(study_path) == study  # the study itself stays as it was
+    accuracy.adopt(study_path, out, ["etth1", "etth2"], ["lmm"])  # again: its runs are in, nothing moves
+    assert accuracy.load_records(out) == records and accuracy.load_records(retired_path) == retired
     assert (tmp_path / "accuracy_summary.md").exists() and (tmp_path / "studies" / "lr_0.001_summary.md").exists()
