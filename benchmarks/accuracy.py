@@ -460,13 +460,13 @@ def adopt(study_path: Path, out: Path, datasets: list[str], models: list[str]) -
     if not overrides:
         raise SystemExit(f"{study_path} holds runs of the shipped configs, not a study")
     pairs = sorted({(d, r["model"]) for d in datasets for r in study})  # a dataset the study lacks is retired too
-    for dataset, model in pairs:
-        for key, value in overrides.items():
-            shipped = config_value(dataset, model, key)
-            if shipped != yaml.safe_load(value):
-                raise SystemExit(f"configs/{dataset}/{model}.yaml has {key}={shipped}, the study ran {key}={value}: "
-                                 f"change the config first, then adopt")
     new_values = {key: yaml.safe_load(value) for key, value in overrides.items()}
+    for dataset, model in pairs:
+        for key, value in new_values.items():
+            shipped = config_value(dataset, model, key)
+            if shipped != value:
+                raise SystemExit(f"configs/{dataset}/{model}.yaml has {key}={shipped}, the study ran {key}={overrides[key]}: "
+                                 f"change the config first, then adopt")
 
     def run_settings(record: dict[str, Any]) -> dict[str, Any]:
         """The study's keys as a grid run had them: its overrides (an adopted run's `run_with`), else its
@@ -481,31 +481,32 @@ def adopt(study_path: Path, out: Path, datasets: list[str], models: list[str]) -
                              f"{exc.args[0]}; re-run that cell instead of adopting") from exc
 
     grid_records = load_records(out)
+    study_models = {model for _, model in pairs}
+    # each run's settings once: they come from `git show` at its commit
+    ran = [(r, run_settings(r) if r["model"] in study_models else None) for r in grid_records]
     # The grid's runs of `pairs` with the old setting retire; runs that already have the new one (adopted
     # before, or run since the config changed) stay, and the study adds only the cells they lack.
-    retired = [r for r in grid_records if (r["dataset"], r["model"]) in pairs and run_settings(r) != new_values]
-    kept = [r for r in grid_records if r not in retired]
+    retiring = [((r["dataset"], r["model"]) in pairs and settings != new_values, r, settings) for r, settings in ran]
+    retired = [r for leaves, r, _ in retiring if leaves]
+    kept = [r for leaves, r, _ in retiring if not leaves]
     # A config may serve several datasets: runs outside `pairs` must still match the configs after adoption.
-    stale = sorted({(r["dataset"], r["model"]) for r in kept
-                    if (r["dataset"], r["model"]) not in pairs and r["model"] in {m for _, m in pairs}
-                    and run_settings(r) != {key: config_value(r["dataset"], r["model"], key) for key in overrides}})
+    stale = sorted({(r["dataset"], r["model"]) for leaves, r, settings in retiring
+                    if settings is not None and not leaves and (r["dataset"], r["model"]) not in pairs
+                    and settings != {key: config_value(r["dataset"], r["model"], key) for key in overrides}})
     if stale:
         raise SystemExit(f"the configs changed for {stale} too, and the grid's runs there have the old setting: "
                          f"adopt with their datasets as well (their missing cells are then re-run with --resume)")
-    old_values = {}
-    for r in retired:
-        settings = run_settings(r)
-        old_values.setdefault(json.dumps(settings, sort_keys=True), settings)
+    old_values = {json.dumps(settings, sort_keys=True): settings for leaves, _, settings in retiring if leaves}
     if len(old_values) > 1:
         raise SystemExit(f"the grid's runs of {pairs} were made with different settings {list(old_values)}: "
                          f"adopt per model")
-    old = next(iter(old_values.values()), None)
-    retired_path = study_path.with_name("_".join(f"{k.split('.')[-1]}_{v}" for k, v in (old or {}).items()) + ".json")
+    old_overrides = {k: str(v) for k, v in next(iter(old_values.values()), {}).items()}
+    retired_path = study_path.with_name("_".join(f"{k.split('.')[-1]}_{v}" for k, v in old_overrides.items()) + ".json")
     if retired:
         previous = [r for r in load_records(retired_path) if Cell.of(r) not in {Cell.of(x) for x in retired}]
-        if any(r["overrides"] != {k: str(v) for k, v in old.items()} for r in previous):
+        if any(r["overrides"] != old_overrides for r in previous):
             raise SystemExit(f"{retired_path} holds a different study: move it away first")
-        save_records(previous + [{**r, "overrides": {k: str(v) for k, v in old.items()}} for r in retired], retired_path)
+        save_records(previous + [{**r, "overrides": old_overrides} for r in retired], retired_path)
         write_outputs(load_records(retired_path), retired_path)
     relative = os.path.relpath(study_path, out.parent)
     have = {Cell.of(r) for r in kept}
