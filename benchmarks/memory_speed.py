@@ -145,7 +145,7 @@ OURS_SETTINGS = (
 def ours_memory_macs(T: int, batch: int, heads: int, head_dim: int, hidden_mult: float, depth: int, chunk: int) -> int:
     """Forward MACs of our memory update over a whole sequence (see the module docstring).
 
-    Counts the batched matrix products of `titans_ts.memory_ops._chunk_step`, summed over
+    Counts the batched matrix products of `titans_ts.memory_ops._chunk_forward`, summed over
     the chunks of T (the last one may be partial), for N = batch * heads memories.
     """
     hidden = max(1, round(hidden_mult * head_dim))

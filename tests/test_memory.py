@@ -72,6 +72,28 @@ def test_gradients_match_reference(depth, chunk_size, max_grad_norm):
         assert relative_error(fast[name], ref[name]) <= 1e-10, name
 
 
+@pytest.mark.parametrize("depth, chunk_size, first_piece", [(2, 4, 6), (3, 3, 4), (2, 5, 10)])
+def test_gradients_through_a_carried_state_match_reference(depth, chunk_size, first_piece):
+    """A stream in two pieces, the loss on both and on the final weights and momentum: gradients flow
+    through the carried state, including a chunk opened by the first piece (first_piece not a multiple
+    of chunk_size), whose gradients are taken at weights from the earlier call."""
+    memory = make_memory(depth, chunk_size, max_grad_norm=0.5)
+    x = torch.randn(BATCH, LENGTH, DIM, dtype=torch.float64)
+    weights = torch.randn(BATCH, LENGTH, DIM, dtype=torch.float64)
+    grads = []
+    for run in (memory.forward, memory.reference):
+        memory.zero_grad()
+        y_first, state = run(x[:, :first_piece])
+        y_rest, state = run(x[:, first_piece:], state)
+        y = torch.cat([y_first, y_rest], dim=1)
+        loss = (y * weights).sum() + sum(w.pow(2).sum() for w in (*state.weights, *state.momentum))
+        loss.backward()
+        grads.append({name: p.grad.clone() for name, p in memory.named_parameters()})
+    fast, ref = grads
+    for name in ref:
+        assert relative_error(fast[name], ref[name]) <= 1e-10, name
+
+
 @pytest.mark.parametrize("recompute_chunks", [1, 2, 5])
 @pytest.mark.parametrize("carry_state", [False, True])
 def test_recomputing_chunks_changes_nothing_but_memory(recompute_chunks, carry_state):

@@ -131,6 +131,10 @@ class ChunkGates(NamedTuple):
     keep_s: Tensor  # [..., c]: the weight of S in W_t
     carry_last: Tensor  # [..., c]: prod_{i<j<=c} eta_j
     eta_total: Tensor  # [...]: prod_j eta_j
+    # the factors, kept for the backward
+    decay: Tensor  # [..., c, c]: decay[t, s] = prod_{s<j<=t} (1 - alpha_j), 0 above the diagonal
+    carry: Tensor  # [..., c, c]: carry[s, i] = prod_{i<j<=s} eta_j, 0 above the diagonal
+    eta_prefix: Tensor  # [..., c]: prod_{j<=t} eta_j
 
 
 def chunk_gates(log_eta: Tensor, log_keep: Tensor) -> ChunkGates:
@@ -138,48 +142,245 @@ def chunk_gates(log_eta: Tensor, log_keep: Tensor) -> ChunkGates:
     c = log_eta.shape[-1]
     causal = torch.ones(c, c, dtype=torch.bool, device=log_eta.device).tril()
     cum_keep, cum_eta = log_keep.cumsum(-1), log_eta.cumsum(-1)
-    # decay[t, s] = prod_{s<j<=t} (1 - alpha_j); carry[s, i] = prod_{i<j<=s} eta_j; both 0 above the diagonal.
-    decay = (cum_keep[..., :, None] - cum_keep[..., None, :]).masked_fill(~causal, float("-inf")).exp()
-    carry = (cum_eta[..., :, None] - cum_eta[..., None, :]).masked_fill(~causal, float("-inf")).exp()
-    keep_s = (decay @ cum_eta.exp().unsqueeze(-1)).squeeze(-1)
-    return ChunkGates(decay @ carry, cum_keep.exp(), keep_s, carry[..., -1, :], cum_eta[..., -1].exp())
+    decay = (cum_keep[..., :, None] - cum_keep[..., None, :]).masked_fill_(~causal, float("-inf")).exp_()
+    carry = (cum_eta[..., :, None] - cum_eta[..., None, :]).masked_fill_(~causal, float("-inf")).exp_()
+    eta_prefix = cum_eta.exp()
+    keep_s = (decay @ eta_prefix.unsqueeze(-1)).squeeze(-1)
+    return ChunkGates(decay @ carry, cum_keep.exp(), keep_s, carry[..., -1, :], eta_prefix[..., -1], decay, carry, eta_prefix)
+
+
+def chunk_gates_backward(
+    gates: ChunkGates, grad_mix: Tensor, grad_keep_w: Tensor, grad_keep_s: Tensor, grad_carry_last: Tensor,
+    grad_eta_total: Tensor,
+) -> tuple[Tensor, Tensor]:
+    """Gradients of (log_eta, log_keep) from those of `chunk_gates`' outputs (for hand-written backwards)."""
+    # mix = decay @ carry and keep_s = decay @ eta_prefix: the gradients of the two factors
+    grad_decay = torch.matmul(grad_mix, gates.carry.mT).addcmul_(grad_keep_s[..., :, None], gates.eta_prefix[..., None, :])
+    grad_carry = torch.matmul(gates.decay.mT, grad_mix)
+    grad_carry[..., -1, :] += grad_carry_last
+    # decay = exp(cum_keep[t] - cum_keep[s]) (0 where masked, so its gradient is too); likewise carry
+    grad_diff_keep, grad_diff_eta = grad_decay.mul_(gates.decay), grad_carry.mul_(gates.carry)
+    grad_cum_keep = grad_diff_keep.sum(-1) - grad_diff_keep.sum(-2) + grad_keep_w * gates.keep_w
+    grad_cum_eta = grad_diff_eta.sum(-1) - grad_diff_eta.sum(-2)
+    grad_cum_eta += (gates.decay.mT @ grad_keep_s.unsqueeze(-1)).squeeze(-1) * gates.eta_prefix
+    grad_cum_eta[..., -1] += grad_eta_total * gates.eta_total
+    # through the cumulative sums: reversed cumulative sums
+    return grad_cum_eta.flip(-1).cumsum(-1).flip(-1), grad_cum_keep.flip(-1).cumsum(-1).flip(-1)
 
 
 def _batched_dot(a: Tensor, b: Tensor) -> Tensor:
-    """<a_n, b_n> for every n of [N, ...] tensors."""
-    return torch.linalg.vecdot(a.flatten(1), b.flatten(1))
+    """<a_n, b_n> for every n of [N, ...] tensors, as a batched product (no elementwise temporary)."""
+    return torch.bmm(a.flatten(1).unsqueeze(1), b.flatten(1).unsqueeze(2)).view(-1)
 
 
-class _AdvanceState(torch.autograd.Function):
-    """The state after a chunk, one layer: weight-sized work fused, with a hand-written backward.
+def _add_product(total: Tensor | None, a: Tensor, b: Tensor) -> Tensor:
+    """total + a @ b (batched), in place; a @ b where there is no total yet."""
+    return torch.bmm(a, b) if total is None else total.baddbmm_(a, b)
 
-        W' = keep_w W + keep_s S - U^T diag(w_coef) E,      S' = eta_total S - U^T diag(s_coef) E
 
-    W, S [N, in, out]; U [N, c, in] (layer inputs); E [N, c, out] (errors); keep_w, keep_s,
-    eta_total [N]; w_coef, s_coef [N, c]. Autograd through the plain expression allocates and
-    saves several weight-sized tensors per chunk (products, negations, broadcasts); here the
-    forward writes each result in place into one buffer and the backward forms only gW and gS.
+def _silu_second_derivative(z: Tensor) -> Tensor:
+    s = torch.sigmoid(z)
+    return s * (1 - s) * (2 + z * (1 - 2 * s))
+
+
+def _norm_scale_derivative(sq_norm: Tensor, scale: Tensor) -> Tensor:
+    """d grad_norm_scale / d sq_norm: -scale / (2 sq_norm) where the bound is active, else 0."""
+    return torch.where(scale < 1, -0.5 * scale / sq_norm.clamp_min(1e-24), torch.zeros_like(scale))
+
+
+class _ChunkStep(torch.autograd.Function):
+    """Read and write one chunk of c tokens, with a hand-written backward.
+
+    Inputs: q, k, v [N, c, d]; theta, log_eta, log_keep [N, c]; the gradient-norm bound; then per
+    layer the weights W and momentum S before the chunk, then per layer the gradient point W'.
+    Outputs: y [N, c, d], then per layer the weights and momentum after the chunk.
+
+    Forward, with the gates unrolled by `chunk_gates`, U_l / Z_l / E_l the layer inputs,
+    pre-activations and errors of the keys at W', theta' = theta times the gradient-norm bound and
+    A = mix * theta' (A[t, i]: the weight of G_i = U_i^T E_i in W_t):
+
+        read   R_l = keep_w (H_l W_l) + keep_s (H_l S_l) - (A * H_l U_l^T) E_l,  H_{l+1} = silu(R_l)
+        write  W_l' = keep_w[-1] W_l + keep_s[-1] S_l - U_l^T diag(A[-1]) E_l
+               S_l' = eta_total S_l - U_l^T diag(carry_last * theta') E_l
+
+    Autograd through these records some 60 operations per chunk, and saves and re-reads their
+    [N, c, c] and weight-sized temporaries (the gate matrices, masked coefficients, broadcasts and
+    negations); the backward below forms each gradient once, as batched products, and goes through
+    the gates and the closed-form key gradients (second derivatives of the MLP) by hand. Tests hold
+    it to the token-by-token autograd reference.
     """
 
     @staticmethod
-    def forward(ctx, W, S, U, E, keep_w, keep_s, eta_total, w_coef, s_coef):  # type: ignore[override]
-        E_w, E_s = E * w_coef[..., None], E * s_coef[..., None]
-        new_w = (W * keep_w[:, None, None]).addcmul_(S, keep_s[:, None, None]).baddbmm_(U.mT, E_w, alpha=-1)
-        new_s = (S * eta_total[:, None, None]).baddbmm_(U.mT, E_s, alpha=-1)
-        ctx.save_for_backward(W, S, U, E, keep_w, keep_s, eta_total, w_coef, s_coef)
-        return new_w, new_s
+    def forward(ctx, q, k, v, theta, log_eta, log_keep, max_grad_norm, *layers):  # type: ignore[override]
+        outputs, saved = _chunk_forward(q, k, v, theta, log_eta, log_keep, max_grad_norm, *layers)
+        depth = len(layers) // 3
+        ctx.max_grad_norm, ctx.depth = max_grad_norm, depth
+        # the gradient point is the weights themselves except in a chunk an earlier call opened
+        ctx.shared = tuple(at is w for at, w in zip(layers[2 * depth :], layers[:depth]))
+        # everything through save_for_backward, so that checkpointing's saved-tensor hooks see it all
+        ctx.save_for_backward(*saved)
+        return outputs
 
     @staticmethod
-    def backward(ctx, g_w, g_s):  # type: ignore[override]
-        W, S, U, E, keep_w, keep_s, eta_total, w_coef, s_coef = ctx.saved_tensors
-        grad_w = g_w * keep_w[:, None, None]
-        grad_s = (g_s * eta_total[:, None, None]).addcmul_(g_w, keep_s[:, None, None])
-        back_w, back_s = torch.bmm(U, g_w), torch.bmm(U, g_s)  # [N, c, out]: U @ dL/dW', U @ dL/dS'
-        grad_E = -(back_w * w_coef[..., None] + back_s * s_coef[..., None])
-        grad_U = -torch.baddbmm(torch.bmm(E * w_coef[..., None], g_w.mT), E * s_coef[..., None], g_s.mT)
-        grad_w_coef, grad_s_coef = -(back_w * E).sum(-1), -(back_s * E).sum(-1)
-        return (grad_w, grad_s, grad_U, grad_E, _batched_dot(g_w, W), _batched_dot(g_w, S),
-                _batched_dot(g_s, S), grad_w_coef, grad_s_coef)
+    def backward(ctx, grad_y, *grad_state):  # type: ignore[override]
+        grads = _chunk_backward(ctx.depth, ctx.max_grad_norm, ctx.needs_input_grad[0], ctx.shared, ctx.saved_tensors,
+                                grad_y, *grad_state)
+        return (*grads[:6], None, *grads[6:])
+
+
+def _chunk_forward(
+    q: Tensor, k: Tensor, v: Tensor, theta: Tensor, log_eta: Tensor, log_keep: Tensor, max_grad_norm: float | None,
+    *layers: Tensor,
+) -> tuple[tuple[Tensor, ...], tuple[Tensor | None, ...]]:
+    """`_ChunkStep`'s forward: (outputs, tensors saved for `_chunk_backward`)."""
+    depth = len(layers) // 3
+    weights, momentum, at = layers[:depth], layers[depth : 2 * depth], layers[2 * depth :]
+    gates = chunk_gates(log_eta, log_keep)
+    mix, keep_w, keep_s, carry_last, eta_total = gates[:5]
+    # Keys through the memory at the gradient point, then the closed-form errors dLoss/dZ_l.
+    inputs, pre, h = [], [], k
+    for layer, w in enumerate(at):
+        inputs.append(h)
+        pre.append(torch.bmm(h, w))
+        h = F.silu(pre[-1]) if layer < depth - 1 else pre[-1]
+    errors, backs = [2 * (h - v)], []  # backs[l]: E_{l+1} W'_{l+1}^T, before the silu derivative
+    for layer in range(depth - 1, 0, -1):
+        backs.insert(0, torch.bmm(errors[0], at[layer].mT))
+        errors.insert(0, backs[0] * _silu_derivative(pre[layer - 1]))
+    sq_inputs = sq_errors = sq_norm = scale = None
+    theta_eff = theta
+    if max_grad_norm is not None:
+        # ||U_i (x) E_i||_F = ||U_i|| ||E_i||: the per-token gradient norm without forming it
+        sq_inputs = [u.pow(2).sum(-1) for u in inputs]
+        sq_errors = [e.pow(2).sum(-1) for e in errors]
+        sq_norm = sum(a * b for a, b in zip(sq_inputs, sq_errors))
+        scale = grad_norm_scale(sq_norm, max_norm=max_grad_norm)
+        theta_eff = theta * scale
+    coef = mix * theta_eff[:, None, :]  # A
+
+    # Queries through each token's own weights W_t (dual form).
+    reads, h = [], q
+    for layer in range(depth):
+        u, e = inputs[layer], errors[layer]
+        hw, hs, hu = torch.bmm(h, weights[layer]), torch.bmm(h, momentum[layer]), torch.bmm(h, u.mT)
+        r = (hw * keep_w[..., None]).addcmul_(hs, keep_s[..., None]).baddbmm_(coef * hu, e, alpha=-1)
+        last = layer == depth - 1
+        reads.append((h, hw, hs, hu, None if last else r))  # the last R is the output y, whose gradient is given
+        h = r if last else F.silu(r)
+
+    # State after the chunk's last token.
+    w_coef, s_coef = coef[:, -1], carry_last * theta_eff
+    new_weights, new_momentum = [], []
+    for layer in range(depth):
+        u, e = inputs[layer], errors[layer]
+        new_weights.append((weights[layer] * keep_w[:, -1, None, None]).addcmul_(momentum[layer], keep_s[:, -1, None, None])
+                           .baddbmm_(u.mT, e * w_coef[..., None], alpha=-1))
+        new_momentum.append((momentum[layer] * eta_total[:, None, None]).baddbmm_(u.mT, e * s_coef[..., None], alpha=-1))
+
+    clip = [*sq_inputs, *sq_errors, sq_norm, scale] if max_grad_norm is not None else []
+    saved = (theta, *gates, theta_eff, coef, *layers, *inputs, *pre, *errors, *backs,
+             *(t for read in reads for t in read), *clip)
+    return (h, *new_weights, *new_momentum), saved
+
+
+def _chunk_backward(
+    depth: int, max_grad_norm: float | None, needs_grad_q: bool, shared: Sequence[bool], saved: Sequence[Tensor],
+    grad_y: Tensor, *grad_state: Tensor,
+) -> tuple[Tensor | None, ...]:
+    """`_ChunkStep`'s backward: gradients of (q, k, v, theta, log_eta, log_keep, *layers).
+
+    Where the gradient point of a layer is its weights (`shared`), its gradient goes into theirs
+    (and None is returned for it), so that no weight-sized sum is left to autograd.
+    """
+    saved = iter(saved)
+    theta = next(saved)
+    gates = ChunkGates(*(next(saved) for _ in ChunkGates._fields))
+    mix, keep_w, keep_s, carry_last, eta_total = gates[:5]
+    theta_eff, coef = next(saved), next(saved)
+    weights, momentum, at, inputs, pre, errors = ([next(saved) for _ in range(depth)] for _ in range(6))
+    backs = [next(saved) for _ in range(depth - 1)]
+    reads = [tuple(next(saved) for _ in range(5)) for _ in range(depth)]
+    grad_new_w, grad_new_s = grad_state[:depth], grad_state[depth:]
+    w_coef, s_coef = coef[:, -1], carry_last * theta_eff
+
+    # Through the end-of-chunk state.
+    grad_w, grad_s, grad_u, grad_e = [], [], [], []
+    grad_w_coef = grad_s_coef = grad_keep_w_last = grad_keep_s_last = grad_eta_total = 0
+    for layer in range(depth):
+        g_w, g_s, u, e = grad_new_w[layer], grad_new_s[layer], inputs[layer], errors[layer]
+        grad_w.append(g_w * keep_w[:, -1, None, None])
+        grad_s.append((g_s * eta_total[:, None, None]).addcmul_(g_w, keep_s[:, -1, None, None]))
+        back_w, back_s = torch.bmm(u, g_w), torch.bmm(u, g_s)  # [N, c, out]
+        grad_e.append(-(back_w * w_coef[..., None]).addcmul_(back_s, s_coef[..., None]))
+        grad_u.append(-torch.bmm(e * w_coef[..., None], g_w.mT).baddbmm_(e * s_coef[..., None], g_s.mT))
+        grad_w_coef = grad_w_coef - (back_w * e).sum(-1)
+        grad_s_coef = grad_s_coef - (back_s * e).sum(-1)
+        grad_keep_w_last = grad_keep_w_last + _batched_dot(g_w, weights[layer])
+        grad_keep_s_last = grad_keep_s_last + _batched_dot(g_w, momentum[layer])
+        grad_eta_total = grad_eta_total + _batched_dot(g_s, momentum[layer])
+
+    # Through the reads, last layer first.
+    grad_coef = torch.zeros_like(coef)
+    grad_keep_w, grad_keep_s = torch.zeros_like(keep_w), torch.zeros_like(keep_s)
+    grad_h = grad_y
+    for layer in range(depth - 1, -1, -1):
+        h, hw, hs, hu, r = reads[layer]
+        grad_r = grad_h if layer == depth - 1 else grad_h * _silu_derivative(r)
+        u, e = inputs[layer], errors[layer]
+        grad_r_w, grad_r_s = grad_r * keep_w[..., None], grad_r * keep_s[..., None]
+        grad_w[layer].baddbmm_(h.mT, grad_r_w)
+        grad_s[layer].baddbmm_(h.mT, grad_r_s)
+        grad_keep_w += (grad_r * hw).sum(-1)
+        grad_keep_s += (grad_r * hs).sum(-1)
+        grad_mixed = torch.bmm(grad_r, e.mT).neg_()  # dLoss / d(A * H U^T)
+        grad_e[layer].baddbmm_((coef * hu).mT, grad_r, alpha=-1)
+        grad_coef.addcmul_(grad_mixed, hu)
+        grad_hu = grad_mixed.mul_(coef)
+        grad_u[layer].baddbmm_(grad_hu.mT, h)
+        if layer or needs_grad_q:
+            grad_h = torch.bmm(grad_r_w, weights[layer].mT).baddbmm_(grad_r_s, momentum[layer].mT).baddbmm_(grad_hu, u)
+    grad_q = grad_h if needs_grad_q else None
+
+    # A = mix * theta', w_coef = A[:, -1], s_coef = carry_last * theta'.
+    grad_coef[:, -1] += grad_w_coef
+    grad_keep_w[:, -1] += grad_keep_w_last
+    grad_keep_s[:, -1] += grad_keep_s_last
+    grad_mix = grad_coef * theta_eff[:, None, :]
+    grad_theta_eff = (grad_coef * mix).sum(1) + grad_s_coef * carry_last
+    grad_carry_last = grad_s_coef * theta_eff
+    grad_theta = grad_theta_eff
+    if max_grad_norm is not None:
+        sq_inputs, sq_errors = [next(saved) for _ in range(depth)], [next(saved) for _ in range(depth)]
+        sq_norm, scale = next(saved), next(saved)
+        grad_theta = grad_theta_eff * scale
+        grad_sq_norm = grad_theta_eff * theta * _norm_scale_derivative(sq_norm, scale)
+        for layer in range(depth):
+            grad_u[layer].addcmul_(inputs[layer], (2 * grad_sq_norm * sq_errors[layer])[..., None])
+            grad_e[layer].addcmul_(errors[layer], (2 * grad_sq_norm * sq_inputs[layer])[..., None])
+
+    # Through the errors E_l = (E_{l+1} W'_{l+1}^T) * silu'(Z_l), first layer first.
+    grad_at = [grad_w[layer] if shared[layer] else None for layer in range(depth)]
+    grad_pre = [None] * depth
+    for layer in range(depth - 1):
+        grad_back = grad_e[layer] * _silu_derivative(pre[layer])
+        grad_pre[layer] = grad_e[layer] * backs[layer] * _silu_second_derivative(pre[layer])
+        grad_e[layer + 1].baddbmm_(grad_back, at[layer + 1])
+        grad_at[layer + 1] = _add_product(grad_at[layer + 1], grad_back.mT, errors[layer + 1])
+    grad_pre[-1] = 2 * grad_e[-1]
+    grad_v = -2 * grad_e[-1]
+    # Through the keys' forward pass at W', last layer first.
+    grad_k = None
+    for layer in range(depth - 1, -1, -1):
+        grad_at[layer] = _add_product(grad_at[layer], inputs[layer].mT, grad_pre[layer])
+        grad_in = grad_u[layer].baddbmm_(grad_pre[layer], at[layer].mT)
+        if layer:
+            grad_pre[layer - 1] += grad_in * _silu_derivative(pre[layer - 1])
+        else:
+            grad_k = grad_in
+    grad_log_eta, grad_log_keep = chunk_gates_backward(gates, grad_mix, grad_keep_w, grad_keep_s, grad_carry_last,
+                                                       grad_eta_total)
+    grad_at = [None if shared[layer] else grad for layer, grad in enumerate(grad_at)]
+    return (grad_q, grad_k, grad_v, grad_theta, grad_log_eta, grad_log_keep, *grad_w, *grad_s, *grad_at)
 
 
 def _chunk_step(
@@ -187,58 +388,21 @@ def _chunk_step(
     k: Tensor,
     v: Tensor,
     theta: Tensor,
-    gates: ChunkGates,
+    log_eta: Tensor,
+    log_keep: Tensor,
     weights: Sequence[Tensor],
     momentum: Sequence[Tensor],
     grad_weights: Sequence[Tensor],
     max_grad_norm: float | None,
 ) -> tuple[Tensor, list[Tensor], list[Tensor]]:
-    """Read and write one chunk of c tokens. Shapes: q, k, v [N, c, d]; theta [N, c].
+    """Read and write one chunk of c tokens. Shapes: q, k, v [N, c, d]; theta and the log-gates [N, c].
 
     `weights`/`momentum` are W, S just before the chunk; `grad_weights` are where the chunk's
     gradients are taken (the same as `weights` unless the chunk was opened by an earlier call).
     """
     depth = len(weights)
-    # Keys through the memory at the gradient point: layer inputs u_l and pre-activations z_l.
-    inputs, pre = [], []
-    h = k
-    for layer, w in enumerate(grad_weights):
-        inputs.append(h)
-        z = torch.bmm(h, w)
-        pre.append(z)
-        h = F.silu(z) if layer < depth - 1 else z
-    # Closed-form backward of ||M(k) - v||^2: errors e_l = dLoss/dz_l, per token.
-    err = 2 * (h - v)
-    errors = [err] * depth
-    for layer in range(depth - 1, 0, -1):
-        err = torch.bmm(err, grad_weights[layer].mT) * _silu_derivative(pre[layer - 1])
-        errors[layer - 1] = err
-    if max_grad_norm is not None:
-        # ||u (x) e||_F = ||u|| ||e||: the per-token gradient norm without forming it
-        sq_norm = sum(u.pow(2).sum(-1) * e.pow(2).sum(-1) for u, e in zip(inputs, errors))
-        theta = theta * grad_norm_scale(sq_norm, max_norm=max_grad_norm)
-    neg_coef = gates.mix * -theta[:, None, :]  # -C[t, i]: G_i enters W_t with weight -C[t, i]
-    keep_w, keep_s = gates.keep_w[:, :, None], gates.keep_s[:, :, None]
-
-    # Queries through each token's own weights W_t (dual form).
-    h = q
-    for layer in range(depth):
-        u, e = inputs[layer], errors[layer]
-        read = (torch.bmm(h, weights[layer]) * keep_w).addcmul_(torch.bmm(h, momentum[layer]), keep_s)
-        z = torch.baddbmm(read, neg_coef * torch.bmm(h, u.mT), e)
-        h = F.silu(z) if layer < depth - 1 else z
-
-    # State after the chunk's last token.
-    w_coef = -neg_coef[:, -1]
-    s_coef = gates.carry_last * theta
-    last_keep_w, last_keep_s = gates.keep_w[:, -1], gates.keep_s[:, -1]
-    new_weights, new_momentum = [], []
-    for layer in range(depth):
-        new_w, new_s = _AdvanceState.apply(weights[layer], momentum[layer], inputs[layer], errors[layer],
-                                           last_keep_w, last_keep_s, gates.eta_total, w_coef, s_coef)
-        new_weights.append(new_w)
-        new_momentum.append(new_s)
-    return h, new_weights, new_momentum
+    y, *state = _ChunkStep.apply(q, k, v, theta, log_eta, log_keep, max_grad_norm, *weights, *momentum, *grad_weights)
+    return y, state[:depth], state[depth:]
 
 
 def _chunk_steps(
@@ -258,7 +422,7 @@ def _chunk_steps(
     for index, (q_c, k_c, v_c, theta_c, eta_c, keep_c) in enumerate(pieces):
         if index:
             grad_weights = weights
-        y, weights, momentum = _chunk_step(q_c, k_c, v_c, theta_c, chunk_gates(eta_c, keep_c), weights, momentum,
+        y, weights, momentum = _chunk_step(q_c, k_c, v_c, theta_c, eta_c, keep_c, weights, momentum,
                                            grad_weights, max_grad_norm)
         outputs.append(y)
     return torch.cat(outputs, dim=1), list(weights), list(momentum), list(grad_weights)
