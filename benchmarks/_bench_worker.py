@@ -13,7 +13,7 @@ waking the OOM killer. This file imports nothing from the repository except, for
 
 Config keys: impl ("ours" | "peer"), dim, heads, depth, hidden_mult, chunk, batch, T,
 threads, warmup, min_repeats, max_repeats, budget_s, mem_limit_gb, fwd_only (also time a
-forward under torch.no_grad()), seed.
+forward under torch.no_grad()), seed; for "ours", compile_chunks (the first warmup step compiles).
 """
 
 from __future__ import annotations
@@ -45,6 +45,7 @@ def build_ours(cfg):
         depth=cfg["depth"],
         hidden_mult=cfg["hidden_mult"],
         chunk_size=cfg["chunk"],
+        compile_chunks=cfg.get("compile_chunks", False),
     )
     return mem, (lambda x: mem(x)[0])
 

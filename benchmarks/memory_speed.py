@@ -83,6 +83,12 @@ batched product our memory does most, bmm of [batch*heads, chunk, head_dim] x
 [batch*heads, head_dim, 2*head_dim] (`matmul_gflops_small`). `frac_of_peak_large/_small` =
 ours_gflops / those rates (and `fwd_frac_of_peak_*` for the forward-only rate).
 
+Ours compiled (`--compiled`, on in full runs): the same point with
+`NeuralMemory(compile_chunks=True)`, each chunk's forward and backward through torch.compile. The
+compile happens in the untimed warmup step (`ours_compiled_first_step_ms` is that step, compile
+included); `ours_compiled_ms` and `speedup_compiled` = peer_ms / ours_compiled_ms are from the
+timed steps after it, like the others.
+
 Outputs (paths follow --out): <out>.json, a list of one record per point (dim, chunk, batch, T,
 ours_ms, peer_ms, speedup = peer_ms / ours_ms, and the fields above); <out>_machine.json, the
 machine, the matmul rates, the peer settings and the command; <out>.png, ms vs T for both.
@@ -387,7 +393,8 @@ def bench(args: argparse.Namespace) -> tuple[list[dict], dict, bool]:
     kept = {}  # --resume: points already in --out, kept as they are
     if args.resume and Path(args.out).exists():
         for r in json.loads(Path(args.out).read_text()):
-            disturbed = [f for f in ("ours_other_cpu_frac", "peer_other_cpu_frac", "peer_exact_other_cpu_frac")
+            disturbed = [f for f in ("ours_other_cpu_frac", "peer_other_cpu_frac", "peer_exact_other_cpu_frac",
+                                     "ours_compiled_other_cpu_frac")
                          if (r.get(f) or 0.0) > args.max_contention]
             if disturbed and r["dim"] in args.dims and r["chunk"] in args.chunks and r["T"] in args.Ts:
                 print(f"  (resume: re-running dim={r['dim']} chunk={r['chunk']} T={r['T']}: "
@@ -402,7 +409,8 @@ def bench(args: argparse.Namespace) -> tuple[list[dict], dict, bool]:
                 if old is not None:
                     print(f"  (resume: keeping dim={dim} chunk={chunk} T={T} from {args.out})", flush=True)
                     records.append(old)
-                    for name, field in (("ours", "ours_ms"), ("peer", "peer_ms"), ("peer_exact", "peer_exact_ms")):
+                    for name, field in (("ours", "ours_ms"), ("peer", "peer_ms"), ("peer_exact", "peer_exact_ms"),
+                                        ("ours_compiled", "ours_compiled_ms")):
                         ms_old = old.get(field)
                         fail = next((n for n in old["notes"] if n.startswith(name + ":")), None)
                         if ms_old:
@@ -414,8 +422,10 @@ def bench(args: argparse.Namespace) -> tuple[list[dict], dict, bool]:
                 hidden = max(1, round(hidden_mult * head_dim))
                 point = dict(common, dim=dim, chunk=chunk, T=T)
                 notes: list[str] = []
-                results: dict[str, dict | None] = {"ours": None, "peer": None, "peer_exact": None}
+                results: dict[str, dict | None] = {"ours": None, "peer": None, "peer_exact": None, "ours_compiled": None}
                 jobs = [("ours", ours_py, dict(point, impl="ours", fwd_only=True))]
+                if args.compiled:
+                    jobs.append(("ours_compiled", ours_py, dict(point, impl="ours", compile_chunks=True)))
                 if use_peer:
                     jobs.append(("peer", peer_python(), dict(point, impl="peer")))
                 if index % 2:  # alternate who goes first
@@ -457,6 +467,9 @@ def bench(args: argparse.Namespace) -> tuple[list[dict], dict, bool]:
                     speedup=(peer_ms / ours_ms) if (ours_ms and peer_ms) else None,
                     peer_exact_ms=ms("peer_exact"),
                     speedup_vs_peer_exact=(ms("peer_exact") / ours_ms) if (ours_ms and ms("peer_exact")) else None,
+                    ours_compiled_ms=ms("ours_compiled"),
+                    speedup_compiled=(peer_ms / ms("ours_compiled")) if (peer_ms and ms("ours_compiled")) else None,
+                    ours_compiled_first_step_ms=(ms("ours_compiled", "warmup_ms") or [None])[0],
                     ours_fwd_ms=ours_fwd_ms,
                     heads=heads, head_dim=head_dim, hidden=hidden, depth=depth, threads=threads,
                     ours_mem_fwd_gflop=fwd_flops / 1e9,
@@ -467,8 +480,11 @@ def bench(args: argparse.Namespace) -> tuple[list[dict], dict, bool]:
                     fwd_frac_of_peak_large=None, fwd_frac_of_peak_small=None,
                     ours_times_ms=ms("ours", "times_ms"), peer_times_ms=ms("peer", "times_ms"),
                     peer_exact_times_ms=ms("peer_exact", "times_ms"),
+                    ours_compiled_times_ms=ms("ours_compiled", "times_ms"),
                     ours_max_rss_gb=ms("ours", "max_rss_gb"), peer_max_rss_gb=ms("peer", "max_rss_gb"),
+                    ours_compiled_max_rss_gb=ms("ours_compiled", "max_rss_gb"),
                     ours_other_cpu_frac=ms("ours", "other_cpu_frac"), peer_other_cpu_frac=ms("peer", "other_cpu_frac"),
+                    ours_compiled_other_cpu_frac=ms("ours_compiled", "other_cpu_frac"),
                     peer_exact_other_cpu_frac=ms("peer_exact", "other_cpu_frac"),
                     loadavg_before=load_before, loadavg_after=load_after,
                     notes=notes,
@@ -604,7 +620,9 @@ def plot(records: list[dict], path: Path) -> None:
     fig, axes = plt.subplots(rows, cols, figsize=(5.5 * cols, 4 * rows), squeeze=False)
     for ax, (dim, chunk) in zip(axes.flat, panels):
         rs = sorted((r for r in records if r["dim"] == dim and r["chunk"] == chunk), key=lambda r: r["T"])
-        for field, label, style in (("ours_ms", "ours (titans-ts)", "o-"), ("peer_ms", "titans-pytorch", "s--"),
+        for field, label, style in (("ours_ms", "ours (titans-ts)", "o-"),
+                                    ("ours_compiled_ms", "ours, compile_chunks=True", "o-."),
+                                    ("peer_ms", "titans-pytorch", "s--"),
                                     ("peer_exact_ms", "titans-pytorch, batch_size=chunk", "^:")):
             pts = [(r["T"], r[field]) for r in rs if r.get(field)]
             if pts:
@@ -638,11 +656,12 @@ def print_table(records: list[dict]) -> None:
     def f(v, spec):
         return format(v, spec) if v is not None else "-"
 
-    print(f"{'dim':>4} {'chunk':>5} {'T':>5} {'ours_ms':>10} {'peer_ms':>10} {'speedup':>8} "
-          f"{'peer_exact':>10} {'GFLOP/s':>8} {'fr_large':>8} {'fr_small':>8}")
+    print(f"{'dim':>4} {'chunk':>5} {'T':>5} {'ours_ms':>10} {'peer_ms':>10} {'speedup':>8} {'compiled':>10} "
+          f"{'speedup':>8} {'peer_exact':>10} {'GFLOP/s':>8} {'fr_large':>8} {'fr_small':>8}")
     for r in records:
         print(f"{r['dim']:>4} {r['chunk']:>5} {r['T']:>5} {f(r['ours_ms'], '10.1f')} {f(r['peer_ms'], '10.1f')} "
-              f"{f(r['speedup'], '8.2f')} {f(r['peer_exact_ms'], '10.1f')} {f(r['ours_gflops'], '8.2f')} "
+              f"{f(r['speedup'], '8.2f')} {f(r.get('ours_compiled_ms'), '10.1f')} {f(r.get('speedup_compiled'), '8.2f')} "
+              f"{f(r['peer_exact_ms'], '10.1f')} {f(r['ours_gflops'], '8.2f')} "
               f"{f(r['frac_of_peak_large'], '8.3f')} {f(r['frac_of_peak_small'], '8.3f')}")
 
 
@@ -693,6 +712,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--peer", action=argparse.BooleanOptionalAction, default=True,
                    help="also time titans-pytorch (default on; in --quick only if its venv is already there)")
     p.add_argument("--no-install", action="store_true", help="never install the peer venv; skip the peer if absent")
+    p.add_argument("--compiled", action=argparse.BooleanOptionalAction, default=None,
+                   help="also time ours with compile_chunks=True (compiling in the untimed warmup step; "
+                   "default on, off in --quick)")
     p.add_argument("--dims", type=int, nargs="+", default=None)
     p.add_argument("--chunks", type=int, nargs="+", default=None)
     p.add_argument("--Ts", type=int, nargs="+", default=None)
@@ -734,6 +756,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         defaults = dict(dims=[64, 256], chunks=[16, 64], Ts=[96, 512, 2048, 8192], batch=32, warmup=1, repeats=5,
                         budget_s=10.0, timeout_s=300.0, mem_limit_gb=14.0, max_wait_s=120.0, retries=1,
                         peer_exact_max_T=512)
+    defaults["compiled"] = not args.quick
     for k, v in defaults.items():
         if getattr(args, k) is None:
             setattr(args, k, v)

@@ -55,6 +55,7 @@ class TitansForecastModel(nn.Module):
         max_lr: float = 0.1,
         max_grad_norm: float | None = 1.0,
         recompute_chunks: int | None = None,
+        compile_chunks: bool = False,
         window: int = 32,
         segment_len: int = 32,
         n_persistent: int = 4,
@@ -91,7 +92,8 @@ class TitansForecastModel(nn.Module):
         self.position = nn.Parameter(torch.randn(self.n_tokens, dim) * 0.02)
         self.backbone = TitansBackbone(
             variant, dim=dim, n_layers=n_layers, heads=heads, memory_depth=memory_depth, chunk_size=chunk_size,
-            max_lr=max_lr, max_grad_norm=max_grad_norm, recompute_chunks=recompute_chunks, window=window, segment_len=segment_len,
+            max_lr=max_lr, max_grad_norm=max_grad_norm, recompute_chunks=recompute_chunks, compile_chunks=compile_chunks,
+            window=window, segment_len=segment_len,
             n_persistent=n_persistent, ff_mult=ff_mult, dropout=dropout,
         )
         self.head = nn.Sequential(nn.Flatten(-2), nn.Dropout(dropout),

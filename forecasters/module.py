@@ -39,7 +39,8 @@ class TitansForecastingModule(pl.LightningModule):
     ``torch.compile`` inside a Trainer (compiled on the first batch; a checkpoint loaded for serving
     or export runs eagerly). Mixed precision is the Trainer's ``precision="bf16-mixed"``; the
     memory's fast-weight recurrence stays in float32 under it. ``recompute_chunks`` lowers the
-    memory's training footprint on long token sequences (see :class:`titans_ts.NeuralMemory`).
+    memory's training footprint on long token sequences, and ``compile_chunks`` compiles the memory's
+    chunk step alone (fused kernels, a compile of about 10 s; see :class:`titans_ts.NeuralMemory`).
     """
 
     def __init__(
@@ -57,6 +58,7 @@ class TitansForecastingModule(pl.LightningModule):
         max_lr: float = 0.1,
         max_grad_norm: float | None = 1.0,
         recompute_chunks: int | None = None,
+        compile_chunks: bool = False,
         window: int = 32,
         segment_len: int = 32,
         n_persistent: int = 4,
@@ -81,7 +83,7 @@ class TitansForecastingModule(pl.LightningModule):
         self.model = build_forecast_model(
             variant, n_channels, lookback, horizon, n_targets, moving_avg=moving_avg, dim=dim, n_layers=n_layers, heads=heads,
             memory_depth=memory_depth, chunk_size=chunk_size, max_lr=max_lr, max_grad_norm=max_grad_norm,
-            recompute_chunks=recompute_chunks,
+            recompute_chunks=recompute_chunks, compile_chunks=compile_chunks,
             window=window, segment_len=segment_len, n_persistent=n_persistent, ff_mult=ff_mult, dropout=dropout,
             patch_len=patch_len, patch_stride=patch_stride, channel_independent=channel_independent, revin=revin,
             n_outputs=len(quantiles) if loss == "quantile" else 1,

@@ -170,3 +170,12 @@ def test_recompute_chunks_reaches_every_memory_and_changes_no_gradient():
         grads.append([p.grad for p in module.parameters()])
     for plain, recomputed in zip(*grads):
         torch.testing.assert_close(recomputed, plain, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("variant", ["mac", "mag", "mal", "lmm"])
+def test_compile_chunks_reaches_every_memory(variant):
+    """The flag only (compiling and its results are tested in test_memory.py)."""
+    module = make_module(variant=variant, compile_chunks=True)
+    memories = [m for m in module.modules() if type(m).__name__ == "NeuralMemory"]
+    assert memories and all(m.compile_chunks for m in memories)
+    assert not any(m.compile_chunks for m in make_module(variant=variant).modules() if type(m).__name__ == "NeuralMemory")

@@ -50,6 +50,7 @@ class TitansBackbone(nn.Module):
         ff_mult: float = 2.0,
         dropout: float = 0.0,
         recompute_chunks: int | None = None,
+        compile_chunks: bool = False,
     ) -> None:
         super().__init__()
         if variant not in BACKBONES:
@@ -64,6 +65,7 @@ class TitansBackbone(nn.Module):
         memory = dict(
             heads=heads, depth=memory_depth, hidden_mult=memory_hidden_mult, chunk_size=chunk_size,
             max_lr=max_lr, conv_kernel=conv_kernel, max_grad_norm=max_grad_norm, recompute_chunks=recompute_chunks,
+            compile_chunks=compile_chunks,
         )
         common = dict(dim=dim, memory=memory, ff_mult=ff_mult, dropout=dropout)
         block, extra = {

@@ -72,6 +72,11 @@ class NeuralMemory(nn.Module):
     `recompute_chunks=g` trades compute for training memory on long sequences: backward keeps the
     memory's state only every g chunks and recomputes the chunks in between (gradient
     checkpointing; same results). Without it, training keeps a weight-sized state per chunk.
+
+    `compile_chunks=True` runs each chunk's forward and backward through `torch.compile`, which
+    fuses their many small elementwise ops: 1.2-1.6x faster training on CPU (see the README),
+    after a one-time compile of about 10 s per new input shape. It needs what torch.compile needs
+    (a C++ compiler on CPU, Triton on CUDA). `reference` never compiles.
     """
 
     def __init__(
@@ -85,6 +90,7 @@ class NeuralMemory(nn.Module):
         conv_kernel: int = 4,
         max_grad_norm: float | None = 1.0,
         recompute_chunks: int | None = None,
+        compile_chunks: bool = False,
     ) -> None:
         super().__init__()
         _require(dim > 0, f"dim must be positive, got {dim}")
@@ -102,6 +108,7 @@ class NeuralMemory(nn.Module):
         self.chunk_size, self.max_lr, self.max_grad_norm = chunk_size, max_lr, max_grad_norm
         self.conv_kernel = conv_kernel
         self.recompute_chunks = recompute_chunks
+        self.compile_chunks = bool(compile_chunks)
 
         self.to_qkv = nn.Linear(dim, 3 * dim, bias=False)
         self.conv = nn.Conv1d(3 * dim, 3 * dim, conv_kernel, groups=3 * dim)
@@ -128,7 +135,8 @@ class NeuralMemory(nn.Module):
 
     def forward(self, x: Tensor, state: MemoryState | None = None) -> tuple[Tensor, MemoryState]:
         """Read x [batch, T, dim], writing to the memory; returns (y [batch, T, dim], new state)."""
-        return self._run(x, state, functools.partial(chunked_memory_update, recompute_chunks=self.recompute_chunks))
+        return self._run(x, state, functools.partial(chunked_memory_update, recompute_chunks=self.recompute_chunks,
+                                                     compile_chunks=self.compile_chunks))
 
     def reference(self, x: Tensor, state: MemoryState | None = None) -> tuple[Tensor, MemoryState]:
         """Same as `forward`, computed token by token with autograd (slow; for tests)."""
@@ -203,6 +211,7 @@ class NeuralMemory(nn.Module):
             f"dim={self.dim}, heads={self.heads}, depth={self.depth}, chunk_size={self.chunk_size}, "
             f"max_lr={self.max_lr}, conv_kernel={self.conv_kernel}, max_grad_norm={self.max_grad_norm}"
             + (f", recompute_chunks={self.recompute_chunks}" if self.recompute_chunks else "")
+            + (", compile_chunks=True" if self.compile_chunks else "")
         )
 
 

@@ -31,7 +31,8 @@ Both take q, k, v of shape [N, T, d] (N = batch * heads), gates of shape [N, T],
 
 from __future__ import annotations
 
-from typing import NamedTuple, Sequence
+import functools
+from typing import Any, Callable, NamedTuple, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -191,8 +192,8 @@ def _norm_scale_derivative(sq_norm: Tensor, scale: Tensor) -> Tensor:
 class _ChunkStep(torch.autograd.Function):
     """Read and write one chunk of c tokens, with a hand-written backward.
 
-    Inputs: q, k, v [N, c, d]; theta, log_eta, log_keep [N, c]; the gradient-norm bound; then per
-    layer the weights W and momentum S before the chunk, then per layer the gradient point W'.
+    Inputs: q, k, v [N, c, d]; theta, log_eta, log_keep [N, c]; the gradient-norm bound; whether
+    to run the torch.compile'd forward and backward (`_compiled_kernels`); then per layer the weights W and momentum S before the chunk, then per layer the gradient point W'.
     Outputs: y [N, c, d], then per layer the weights and momentum after the chunk.
 
     Forward, with the gates unrolled by `chunk_gates`, U_l / Z_l / E_l the layer inputs,
@@ -211,10 +212,11 @@ class _ChunkStep(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, q, k, v, theta, log_eta, log_keep, max_grad_norm, *layers):  # type: ignore[override]
-        outputs, saved = _chunk_forward(q, k, v, theta, log_eta, log_keep, max_grad_norm, *layers)
+    def forward(ctx, q, k, v, theta, log_eta, log_keep, max_grad_norm, compiled, *layers):  # type: ignore[override]
+        forward = _compiled_kernels()[0] if compiled else _chunk_forward
+        outputs, saved = forward(q, k, v, theta, log_eta, log_keep, max_grad_norm, *layers)
         depth = len(layers) // 3
-        ctx.max_grad_norm, ctx.depth = max_grad_norm, depth
+        ctx.max_grad_norm, ctx.depth, ctx.compiled = max_grad_norm, depth, compiled
         # the gradient point is the weights themselves except in a chunk an earlier call opened
         ctx.shared = tuple(at is w for at, w in zip(layers[2 * depth :], layers[:depth]))
         # everything through save_for_backward, so that checkpointing's saved-tensor hooks see it all
@@ -223,9 +225,10 @@ class _ChunkStep(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_y, *grad_state):  # type: ignore[override]
-        grads = _chunk_backward(ctx.depth, ctx.max_grad_norm, ctx.needs_input_grad[0], ctx.shared, ctx.saved_tensors,
-                                grad_y, *grad_state)
-        return (*grads[:6], None, *grads[6:])
+        backward = _compiled_kernels()[1] if ctx.compiled else _chunk_backward
+        grads = backward(ctx.depth, ctx.max_grad_norm, ctx.needs_input_grad[0], ctx.shared, ctx.saved_tensors,
+                         grad_y, *grad_state)
+        return (*grads[:6], None, None, *grads[6:])
 
 
 def _chunk_forward(
@@ -383,6 +386,17 @@ def _chunk_backward(
     return (grad_q, grad_k, grad_v, grad_theta, grad_log_eta, grad_log_keep, *grad_w, *grad_s, *grad_at)
 
 
+@functools.cache
+def _compiled_kernels() -> tuple[Callable[..., Any], Callable[..., Any]]:
+    """`_chunk_forward` and `_chunk_backward` through torch.compile, made once per process.
+
+    Inductor fuses their chains of elementwise ops on [N, c, ...] tensors into a few kernels (C++
+    with vector instructions on CPU, Triton on CUDA); each new set of shapes costs a compile of
+    some seconds, then the kernels are reused. Same results to rounding.
+    """
+    return torch.compile(_chunk_forward, fullgraph=True), torch.compile(_chunk_backward, fullgraph=True)
+
+
 def _chunk_step(
     q: Tensor,
     k: Tensor,
@@ -394,6 +408,7 @@ def _chunk_step(
     momentum: Sequence[Tensor],
     grad_weights: Sequence[Tensor],
     max_grad_norm: float | None,
+    compiled: bool,
 ) -> tuple[Tensor, list[Tensor], list[Tensor]]:
     """Read and write one chunk of c tokens. Shapes: q, k, v [N, c, d]; theta and the log-gates [N, c].
 
@@ -401,7 +416,8 @@ def _chunk_step(
     gradients are taken (the same as `weights` unless the chunk was opened by an earlier call).
     """
     depth = len(weights)
-    y, *state = _ChunkStep.apply(q, k, v, theta, log_eta, log_keep, max_grad_norm, *weights, *momentum, *grad_weights)
+    y, *state = _ChunkStep.apply(q, k, v, theta, log_eta, log_keep, max_grad_norm, compiled, *weights, *momentum,
+                                 *grad_weights)
     return y, state[:depth], state[depth:]
 
 
@@ -411,6 +427,7 @@ def _chunk_steps(
     momentum: Sequence[Tensor],
     opening: Sequence[Tensor],
     max_grad_norm: float | None,
+    compiled: bool,
 ) -> tuple[Tensor, list[Tensor], list[Tensor], list[Tensor]]:
     """Read and write consecutive chunks, each given as (q, k, v, theta, log_eta, log_keep).
 
@@ -423,7 +440,7 @@ def _chunk_steps(
         if index:
             grad_weights = weights
         y, weights, momentum = _chunk_step(q_c, k_c, v_c, theta_c, eta_c, keep_c, weights, momentum,
-                                           grad_weights, max_grad_norm)
+                                           grad_weights, max_grad_norm, compiled)
         outputs.append(y)
     return torch.cat(outputs, dim=1), list(weights), list(momentum), list(grad_weights)
 
@@ -439,8 +456,12 @@ def chunked_memory_update(
     chunk_size: int,
     max_grad_norm: float | None = None,
     recompute_chunks: int | None = None,
+    compile_chunks: bool = False,
 ) -> tuple[Tensor, MemoryCarry]:
     """Fast form of `naive_memory_update`: same arguments, same results.
+
+    `compile_chunks=True` runs each chunk's forward and backward through torch.compile
+    (`_compiled_kernels`): fused kernels, faster after a compile of some seconds per new shape.
 
     `recompute_chunks=g`: when gradients are recorded, keep what backward needs only at every g-th
     chunk border (the state there) and recompute the g chunks in between during backward
@@ -476,9 +497,9 @@ def chunked_memory_update(
         part = pieces[start : start + group]
         if recompute:
             y, weights, momentum, last_start = checkpoint(_chunk_steps, part, weights, momentum, opening, max_grad_norm,
-                                                          use_reentrant=False)
+                                                          compile_chunks, use_reentrant=False)
         else:
-            y, weights, momentum, last_start = _chunk_steps(part, weights, momentum, opening, max_grad_norm)
+            y, weights, momentum, last_start = _chunk_steps(part, weights, momentum, opening, max_grad_norm, compile_chunks)
         outputs.append(y)
         opening = weights
     position = (carry.position + length) % chunk_size
