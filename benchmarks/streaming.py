@@ -2,7 +2,7 @@
 grows to 100,000 steps, and the accuracy of memory carried across windows against a memory reset at
 each window (same trained model), on the ETTh1 and ETTh2 test splits.
 
-    .venv/bin/python benchmarks/streaming.py                 # full run: 31 min on 2 cores shared with others
+    .venv/bin/python benchmarks/streaming.py                 # full run: 5.4 min (load 2); 31 min on a loaded machine
     .venv/bin/python benchmarks/streaming.py --quick --out /tmp/st.json   # smoke pass, ~20 s
 
 The product's streaming path is :class:`TitansForecaster`: ``update(y_new, update_params=False)``
