@@ -4,7 +4,8 @@
     .venv/bin/python benchmarks/memory_speed.py --quick --out /tmp/ms.json   # smoke pass, seconds
 
 Expected run time (2 CPU cores): full run about 13-20 minutes on a quiet machine (13.1 min
-measured with the compiled form, whose compile takes 5-17 s per point), plus ~35 s for the one-time install of the peer venv; `--quick` about 10-20 s.
+measured with the compiled form, whose compile takes 5-17 s per point), plus ~35 s for the
+one-time install of the peer venv; `--quick` about 10-20 s.
 On a busy machine the script waits for quiet (up to --max-wait-s per point) and re-runs
 disturbed points, so it takes longer; `--resume` continues an interrupted run.
 
@@ -137,6 +138,9 @@ PEER_SETTINGS = (
     "at the initial weights; pre_rmsnorm=True; mem_model_norm_add_residual=True; per-token lr, "
     "per-chunk momentum/decay; retrieval reads one weight set per chunk)"
 )
+# What each point times; a record has `<name>_ms`, `<name>_times_ms`, `<name>_max_rss_gb` and
+# `<name>_other_cpu_frac` for each.
+IMPLEMENTATIONS = ("ours", "ours_compiled", "peer", "peer_exact")
 PEER_EXACT_SETTINGS = "as peer, plus batch_size=chunk (weights refreshed at every chunk boundary, like ours)"
 OURS_SETTINGS = (
     "titans_ts.NeuralMemory(dim=dim, heads=heads, depth=depth, hidden_mult=hidden_mult, "
@@ -395,9 +399,8 @@ def bench(args: argparse.Namespace) -> tuple[list[dict], dict, bool]:
     kept = {}  # --resume: points already in --out, kept as they are
     if args.resume and Path(args.out).exists():
         for r in json.loads(Path(args.out).read_text()):
-            disturbed = [f for f in ("ours_other_cpu_frac", "peer_other_cpu_frac", "peer_exact_other_cpu_frac",
-                                     "ours_compiled_other_cpu_frac")
-                         if (r.get(f) or 0.0) > args.max_contention]
+            disturbed = [f"{name}_other_cpu_frac" for name in IMPLEMENTATIONS
+                         if (r.get(f"{name}_other_cpu_frac") or 0.0) > args.max_contention]
             if disturbed and r["dim"] in args.dims and r["chunk"] in args.chunks and r["T"] in args.Ts:
                 print(f"  (resume: re-running dim={r['dim']} chunk={r['chunk']} T={r['T']}: "
                       f"{', '.join(disturbed)} over {args.max_contention:.0%})", flush=True)
@@ -411,9 +414,8 @@ def bench(args: argparse.Namespace) -> tuple[list[dict], dict, bool]:
                 if old is not None:
                     print(f"  (resume: keeping dim={dim} chunk={chunk} T={T} from {args.out})", flush=True)
                     records.append(old)
-                    for name, field in (("ours", "ours_ms"), ("peer", "peer_ms"), ("peer_exact", "peer_exact_ms"),
-                                        ("ours_compiled", "ours_compiled_ms")):
-                        ms_old = old.get(field)
+                    for name in IMPLEMENTATIONS:
+                        ms_old = old.get(f"{name}_ms")
                         fail = next((n for n in old["notes"] if n.startswith(name + ":")), None)
                         if ms_old:
                             skip.record((name, dim, chunk), T, {"ms": ms_old, "max_rss_gb": old.get(f"{name}_max_rss_gb")})
@@ -424,7 +426,7 @@ def bench(args: argparse.Namespace) -> tuple[list[dict], dict, bool]:
                 hidden = max(1, round(hidden_mult * head_dim))
                 point = dict(common, dim=dim, chunk=chunk, T=T)
                 notes: list[str] = []
-                results: dict[str, dict | None] = {"ours": None, "peer": None, "peer_exact": None, "ours_compiled": None}
+                results: dict[str, dict | None] = dict.fromkeys(IMPLEMENTATIONS)
                 jobs = [("ours", ours_py, dict(point, impl="ours", fwd_only=True))]
                 if args.compiled:
                     jobs.append(("ours_compiled", ours_py, dict(point, impl="ours", compile_chunks=True)))
@@ -465,11 +467,10 @@ def bench(args: argparse.Namespace) -> tuple[list[dict], dict, bool]:
                 ours_fwd_gflops = fwd_flops / (ours_fwd_ms * 1e6) if ours_fwd_ms else None
                 rec = dict(
                     dim=dim, chunk=chunk, batch=args.batch, T=T,
-                    ours_ms=ours_ms, peer_ms=peer_ms,
+                    **{f"{name}_{field}": ms(name, field) for name in IMPLEMENTATIONS
+                       for field in ("ms", "times_ms", "max_rss_gb", "other_cpu_frac")},
                     speedup=(peer_ms / ours_ms) if (ours_ms and peer_ms) else None,
-                    peer_exact_ms=ms("peer_exact"),
                     speedup_vs_peer_exact=(ms("peer_exact") / ours_ms) if (ours_ms and ms("peer_exact")) else None,
-                    ours_compiled_ms=ms("ours_compiled"),
                     speedup_compiled=(peer_ms / ms("ours_compiled")) if (peer_ms and ms("ours_compiled")) else None,
                     ours_compiled_first_step_ms=(ms("ours_compiled", "warmup_ms") or [None])[0],
                     ours_fwd_ms=ours_fwd_ms,
@@ -480,14 +481,6 @@ def bench(args: argparse.Namespace) -> tuple[list[dict], dict, bool]:
                     matmul_gflops_large=None, matmul_gflops_small=None,  # set by apply_rates
                     frac_of_peak_large=None, frac_of_peak_small=None,
                     fwd_frac_of_peak_large=None, fwd_frac_of_peak_small=None,
-                    ours_times_ms=ms("ours", "times_ms"), peer_times_ms=ms("peer", "times_ms"),
-                    peer_exact_times_ms=ms("peer_exact", "times_ms"),
-                    ours_compiled_times_ms=ms("ours_compiled", "times_ms"),
-                    ours_max_rss_gb=ms("ours", "max_rss_gb"), peer_max_rss_gb=ms("peer", "max_rss_gb"),
-                    ours_compiled_max_rss_gb=ms("ours_compiled", "max_rss_gb"),
-                    ours_other_cpu_frac=ms("ours", "other_cpu_frac"), peer_other_cpu_frac=ms("peer", "other_cpu_frac"),
-                    ours_compiled_other_cpu_frac=ms("ours_compiled", "other_cpu_frac"),
-                    peer_exact_other_cpu_frac=ms("peer_exact", "other_cpu_frac"),
                     loadavg_before=load_before, loadavg_after=load_after,
                     notes=notes,
                 )
