@@ -170,8 +170,11 @@ def chunk_gates_backward(
 
 
 def _batched_dot(a: Tensor, b: Tensor) -> Tensor:
-    """<a_n, b_n> for every n of [N, ...] tensors, as a batched product (no elementwise temporary)."""
-    return torch.bmm(a.flatten(1).unsqueeze(1), b.flatten(1).unsqueeze(2)).view(-1)
+    """<a_n, b_n> for every n of [N, ...] tensors.
+
+    vecdot, not bmm of [N, 1, m] by [N, m, 1]: such matrix-vector bmm runs 5-6x slower on CPU.
+    """
+    return torch.linalg.vecdot(a.flatten(1), b.flatten(1))
 
 
 def _add_product(total: Tensor | None, a: Tensor, b: Tensor) -> Tensor:
