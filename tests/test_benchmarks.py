@@ -28,6 +28,15 @@ def test_context_scaling_quick(tmp_path):
     assert out.with_suffix(".png").exists()
 
 
+def test_train_step_quick_compares_two_checkouts(tmp_path):
+    out = tmp_path / "train_step.json"
+    run_script("train_step.py", "--compare", str(ROOT), "--out", str(out))  # this checkout against itself
+    result = json.loads(out.read_text())
+    assert set(result["summary"]) == {"mal", "dlinear"}
+    assert all(r["min_ms"] > 0 for r in result["records"]) and len(result["records"]) == 4
+    assert all(row["compare_over_this"] > 0 for row in result["summary"].values())
+
+
 def synthetic_etth1(folder: Path) -> Path:
     """A file with ETTh1's schema and length, so the smoke passes never need the real data or a download."""
     import numpy as np

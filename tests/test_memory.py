@@ -172,6 +172,45 @@ def test_stream_in_pieces_equals_whole(chunk_size, cuts):
     assert_states_close(state, s_whole, 1e-10)
 
 
+@pytest.mark.parametrize("chunk_size, n_prefix", [(4, 4), (3, 5), (8, 2)])
+def test_primed_prefix_equals_the_prefix_read_by_every_stream(chunk_size, n_prefix):
+    """prime() reads a shared prefix once and broadcasts it: outputs, state and the gradients of every
+    parameter and of the prefix are those of every stream reading [prefix | x] itself."""
+    memory = make_memory(2, chunk_size, max_grad_norm=0.5)
+    prefix = torch.randn(n_prefix, DIM, dtype=torch.float64, requires_grad=True)
+    x = torch.randn(BATCH, LENGTH, DIM, dtype=torch.float64)
+    weights = torch.randn(BATCH, n_prefix + LENGTH, DIM, dtype=torch.float64)
+    results = []
+    for primed in (True, False):
+        memory.zero_grad()
+        prefix.grad = None
+        if primed:
+            y_prefix, state = memory.prime(prefix, BATCH)
+            y_rest, state = memory(x, state)
+            y = torch.cat([y_prefix, y_rest], dim=1)
+        else:
+            y, state = memory(torch.cat([prefix.expand(BATCH, -1, -1), x], dim=1))
+        loss = (y * weights).sum() + sum(w.pow(2).sum() for w in (*state.weights, *state.momentum))
+        loss.backward()
+        grads = {name: p.grad.clone() for name, p in memory.named_parameters()}
+        results.append((y.detach(), state, grads, prefix.grad.clone()))
+    (y_p, s_p, g_p, gx_p), (y_w, s_w, g_w, gx_w) = results
+    assert relative_error(y_p, y_w) <= 1e-10
+    assert_states_close(s_p, s_w, 1e-10)
+    for name in g_w:
+        assert relative_error(g_p[name], g_w[name]) <= 1e-10, name
+    assert relative_error(gx_p, gx_w) <= 1e-10
+
+
+def test_only_a_single_stream_state_expands():
+    memory = make_memory(2, 4)
+    _, state = memory(torch.randn(BATCH, 5, DIM, dtype=torch.float64))
+    with pytest.raises(ValueError, match="only a state of batch 1"):
+        state.expand(4)
+    with pytest.raises(ValueError, match=r"prefix tokens of shape \[n, 16\]"):
+        memory.prime(torch.randn(1, 3, DIM, dtype=torch.float64), 4)
+
+
 def test_sequence_shorter_than_a_chunk_updates_the_memory():
     memory = make_memory(2, chunk_size=16)
     x = torch.randn(BATCH, 3, DIM, dtype=torch.float64)

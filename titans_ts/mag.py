@@ -26,11 +26,9 @@ class MAGBlock(Block):
         with_persistent = self.persistent(x)
         mask = sliding_window_mask(n_p, x.shape[1], self.window, x.device)
         short = self.attention_norm(self.attention(with_persistent, with_persistent, mask)[:, n_p:])
-        if state is None:  # the memory reads the persistent tokens once, at the start of a stream
-            long, state = self.memory(with_persistent, state)
-            long = long[:, n_p:]
-        else:
-            long, state = self.memory(x, state)
+        if state is None and n_p:  # the memory reads the persistent tokens once, at the start of a stream
+            _, state = self.memory.prime(self.persistent.tokens.to(x.dtype), x.shape[0])
+        long, state = self.memory(x, state)
         long = self.memory_norm(long)
         # a learned, per-channel convex gate between short-term attention and long-term memory
         g = torch.sigmoid(self.gate(torch.cat([short, long], dim=-1)))

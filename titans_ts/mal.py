@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor
 
 from titans_ts.layers import Attention, Block, PersistentMemory, sliding_window_mask
@@ -20,8 +21,10 @@ class MALBlock(Block):
 
     def mix(self, x: Tensor, state: MemoryState | None) -> tuple[Tensor, MemoryState]:
         n_p = self.persistent.n_tokens
-        if state is None:  # persistent tokens open the stream; a carried state has read them already
-            h, state = self.memory(self.persistent(x), state)
+        if state is None and n_p:  # persistent tokens open the stream; a carried state has read them already
+            opening, state = self.memory.prime(self.persistent.tokens.to(x.dtype), x.shape[0])
+            h, state = self.memory(x, state)
+            h = torch.cat([opening, h], dim=1)
         else:
             h, state = self.memory(x, state)
             h = self.persistent(h)

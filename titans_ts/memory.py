@@ -42,6 +42,17 @@ class MemoryState(NamedTuple):
             self.conv_cache.detach(),
         )
 
+    def expand(self, batch: int) -> MemoryState:
+        """A state of batch 1 as the same state for `batch` streams (views, no copy)."""
+        _require(self.conv_cache.shape[0] == 1, f"only a state of batch 1 can be expanded, got batch {self.conv_cache.shape[0]}")
+        return MemoryState(
+            tuple(w.expand(batch, *w.shape[1:]) for w in self.weights),
+            tuple(s.expand(batch, *s.shape[1:]) for s in self.momentum),
+            tuple(w.expand(batch, *w.shape[1:]) for w in self.chunk_start),
+            self.position,
+            self.conv_cache.expand(batch, *self.conv_cache.shape[1:]),
+        )
+
 
 Recurrence = Callable[..., tuple[Tensor, MemoryCarry]]
 
@@ -139,6 +150,18 @@ class NeuralMemory(nn.Module):
         return self._run(x, state, functools.partial(chunked_memory_update, recompute_chunks=self.recompute_chunks,
                                                      compile_chunks=self.compile_chunks))
 
+    def prime(self, prefix: Tensor, batch: int) -> tuple[Tensor, MemoryState]:
+        """Open `batch` streams that all begin with the same tokens `prefix` [n, dim] (e.g. persistent memory).
+
+        Returns (y [batch, n, dim], state): what `forward(prefix.expand(batch, -1, -1))` returns, but
+        the prefix is read and written once and then broadcast (views), so it costs one stream, not
+        `batch`. Continue the streams with `forward(x, state)`.
+        """
+        _require(prefix.dim() == 2 and prefix.shape[-1] == self.dim,
+                 f"prime expects prefix tokens of shape [n, {self.dim}], got {tuple(prefix.shape)}")
+        y, state = self(prefix[None])
+        return y.expand(batch, -1, -1), state.expand(batch)
+
     def reference(self, x: Tensor, state: MemoryState | None = None) -> tuple[Tensor, MemoryState]:
         """Same as `forward`, computed token by token with autograd (slow; for tests)."""
         return self._run(x, state, naive_memory_update)
@@ -188,10 +211,10 @@ class NeuralMemory(nn.Module):
 
         # The memory's weights are a running sum over the whole stream: under autocast (bf16-mixed) the
         # recurrence still runs in float32, since bf16's 8-bit mantissa would round small updates away.
-        flat = MemoryCarry(
-            *(tuple(_at_least_float32(w.flatten(0, 1)) for w in ws) for ws in (state.weights, state.momentum, state.chunk_start)),
-            position=state.position,
-        )
+        weights, momentum = (tuple(_at_least_float32(w.flatten(0, 1)) for w in ws) for ws in state[:2])
+        # on a chunk border the chunk start is the weights: no second copy of an expanded (primed) state
+        chunk_start = tuple(_at_least_float32(w.flatten(0, 1)) for w in state.chunk_start) if state.position else weights
+        flat = MemoryCarry(weights, momentum, chunk_start, position=state.position)
         with _autocast_off(x.device.type):
             y, carry = recurrence(*map(_at_least_float32, (q, k, v)), theta, log_eta, log_keep, flat,
                                   chunk_size=self.chunk_size, max_grad_norm=self.max_grad_norm)
