@@ -74,7 +74,9 @@ class NeuralMemory(nn.Module):
 
     `forward` is the fast chunk-parallel form; `reference` is a token-by-token autograd loop with
     the same parameters and results, for testing. Both take and return a `MemoryState`, so a
-    stream fed in pieces gives the same outputs as fed whole.
+    stream fed in pieces gives the same outputs as fed whole. `prime(prefix, batch)` opens a batch
+    of streams that all begin with the same tokens (MAL's and MAG's persistent memory) at the cost
+    of one: the prefix is written once and its state broadcast.
 
     `max_grad_norm` bounds each token's inner gradient (Frobenius norm over all layers) before it
     enters the momentum; the plain rule can diverge when the learning rate times the chunk
