@@ -35,7 +35,8 @@ workers with disjoint ``--models`` may fill the same file side by side (appends 
 ``epoch_seconds`` is the mean wall time of the training part of an epoch (validation excluded);
 the machine is shared, so each record also keeps the 1-minute load average before and after.
 The summary (``accuracy_summary.md``: mean and std over seeds per horizon, the 4-horizon average
-next to published figures) and ``accuracy.png`` are rebuilt after every run.
+next to published figures, and the lookback study side by side), ``accuracy.png`` and
+``accuracy_lookback.png`` (once a cell has run at two lookbacks) are rebuilt after every run.
 
 Run time measured on this 2-core machine, one torch thread per worker, two workers (load about 2),
 L=96, shipped learning rates (the ``fit_seconds`` of the records): DLinear 0.2-1.3 minutes per run,
@@ -307,8 +308,61 @@ def summary_table(records: list[dict[str, Any]]) -> str:
             lines.append("")
     best = best_variant(records)
     lines.append(f"Best Titans variant on validation MSE at L=96 (horizons all variants finished): {best or 'not yet known'}.")
-    lines += ["", *target_verdicts(records)]
+    lines += ["", *target_verdicts(records), *lookback_table(records)]
     return "\n".join(lines) + "\n"
+
+
+def by_lookback(records: list[dict[str, Any]]) -> dict[tuple, dict[int, dict[str, Any]]]:
+    """(dataset, model, horizon) -> lookback -> `summarise` entry, for the cells run at more than one lookback."""
+    cells: dict[tuple, dict[int, dict[str, Any]]] = defaultdict(dict)
+    for (dataset, model, lookback, horizon), entry in summarise(records).items():
+        cells[(dataset, model, horizon)][lookback] = entry
+    return {key: by for key, by in sorted(cells.items()) if len(by) > 1}
+
+
+def lookback_table(records: list[dict[str, Any]]) -> list[str]:
+    """Markdown: test MSE / MAE and validation MSE against the lookback, side by side (the lookback study)."""
+    cells = by_lookback(records)
+    if not cells:
+        return []
+    lookbacks = sorted({lookback for by in cells.values() for lookback in by})
+    lines = ["", "### Lookback study: test MSE / MAE (validation MSE), mean over the seeds run", "",
+             "| dataset | model | H | " + " | ".join(f"L={lookback}" for lookback in lookbacks) + " |",
+             "| --- | --- | --- | " + " | ".join("---" for _ in lookbacks) + " |"]
+    for (dataset, model, horizon), by in cells.items():
+        row = [f"{by[lb]['mse'][0]:.3f} / {by[lb]['mae'][0]:.3f} ({by[lb]['val_mse']:.3f}; seeds "
+               f"{','.join(map(str, by[lb]['seeds']))})" if lb in by else "—" for lb in lookbacks]
+        lines.append(f"| {dataset.upper()} | {model} | {horizon} | " + " | ".join(row) + " |")
+    return lines
+
+
+def plot_lookback(records: list[dict[str, Any]], path: Path) -> bool:
+    """Test MSE against the lookback per (model, horizon), one panel per dataset; False when nothing to plot."""
+    cells = by_lookback(records)
+    if not cells:
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    datasets = sorted({key[0] for key in cells})
+    fig, axes = plt.subplots(1, len(datasets), figsize=(5.5 * len(datasets), 4), squeeze=False)
+    for ax, dataset in zip(axes[0], datasets):
+        for (d, model, horizon), by in cells.items():
+            if d == dataset:
+                points = sorted(by.items())
+                ax.errorbar([lb for lb, _ in points], [e["mse"][0] for _, e in points], yerr=[e["mse"][1] for _, e in points],
+                            marker="o", capsize=3, label=f"{model}, H={horizon}",
+                            linestyle="--" if model in ("patchtst", "dlinear") else "-")
+        ax.set(title=f"{dataset.upper()}: lookback study", xlabel="lookback L", ylabel="test MSE (scaled)",
+               xticks=sorted({lb for by in cells.values() for lb in by}))
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
 
 
 def target_verdicts(records: list[dict[str, Any]]) -> list[str]:
@@ -369,6 +423,7 @@ def write_outputs(records: list[dict[str, Any]], out: Path, baseline: list[Path]
     out.with_name(out.stem + "_summary.md").write_text(summary)
     if records:
         plot(records, out.with_suffix(".png"))
+        plot_lookback(records, out.with_name(out.stem + "_lookback.png"))
 
 
 # --- studies: compare on validation, adopt ------------------------------------------------------

@@ -133,6 +133,23 @@ def test_accuracy_target_verdicts_need_every_horizon():
     assert "- ETTH1, lmm below the linear baseline: not yet known (horizons missing)" in lines
 
 
+def test_accuracy_lookback_study_table_and_plot(tmp_path):
+    accuracy = load_benchmark("accuracy")
+
+    def record(model, lookback, seed, mse):
+        return {"dataset": "etth1", "model": model, "lookback": lookback, "horizon": 96, "seed": seed, "test_mse": mse,
+                "test_mae": mse + 0.1, "best_val_mse": mse + 0.2, "epoch_seconds": 1.0}
+
+    records = [record("mal", 96, 0, 0.40), record("mal", 96, 1, 0.42), record("mal", 336, 0, 0.38),
+               record("patchtst", 720, 0, 0.39), record("patchtst", 96, 0, 0.45), record("lmm", 96, 0, 0.5)]
+    lines = accuracy.lookback_table(records)
+    assert "| ETTH1 | mal | 96 | 0.410 / 0.510 (0.610; seeds 0,1) | 0.380 / 0.480 (0.580; seeds 0) | — |" in lines
+    assert "| ETTH1 | patchtst | 96 | 0.450 / 0.550 (0.650; seeds 0) | — | 0.390 / 0.490 (0.590; seeds 0) |" in lines
+    assert not any("| lmm |" in line for line in lines)  # one lookback only: not part of the study
+    assert accuracy.plot_lookback(records, tmp_path / "lookback.png") and (tmp_path / "lookback.png").exists()
+    assert accuracy.lookback_table(records[-1:]) == [] and not accuracy.plot_lookback(records[-1:], tmp_path / "none.png")
+
+
 def test_allocator_quick(tmp_path):
     out = tmp_path / "allocator.json"
     run_script("allocator.py", "--out", str(out))
