@@ -72,6 +72,32 @@ def test_gradients_match_reference(depth, chunk_size, max_grad_norm):
         assert relative_error(fast[name], ref[name]) <= 1e-10, name
 
 
+@pytest.mark.parametrize("loss_on", ["outputs", "final momentum", "outputs and final weights"])
+def test_gradients_match_reference_whatever_the_loss_leaves_unused(loss_on):
+    """Unused outputs reach the chunk step's backward as None (the state after the last chunk when
+    training, the outputs when only the state matters); what they would enter must count as zero."""
+    memory = make_memory(2, 4, max_grad_norm=0.5)
+    x = torch.randn(BATCH, LENGTH, DIM, dtype=torch.float64, requires_grad=True)
+    weights = torch.randn(BATCH, LENGTH, DIM, dtype=torch.float64)
+    grads = []
+    for run in (memory.forward, memory.reference):
+        memory.zero_grad()
+        x.grad = None
+        y, state = run(x)
+        loss = {
+            "outputs": lambda: (y * weights).sum(),
+            "final momentum": lambda: sum(s.pow(2).sum() for s in state.momentum),
+            "outputs and final weights": lambda: (y * weights).sum() + sum(w.sum() for w in state.weights),
+        }[loss_on]()
+        loss.backward()
+        grads.append({"x": x.grad.clone(), **{name: p.grad.clone() for name, p in memory.named_parameters()
+                                              if p.grad is not None}})
+    fast, ref = grads
+    assert fast.keys() == ref.keys()
+    for name in ref:
+        assert relative_error(fast[name], ref[name]) <= 1e-10, name
+
+
 @pytest.mark.parametrize("depth, chunk_size, first_piece", [(2, 4, 6), (3, 3, 4), (2, 5, 10)])
 def test_gradients_through_a_carried_state_match_reference(depth, chunk_size, first_piece):
     """A stream in two pieces, the loss on both and on the final weights and momentum: gradients flow

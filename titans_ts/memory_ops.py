@@ -183,9 +183,11 @@ def _batched_dot(a: Tensor, b: Tensor) -> Tensor:
     return torch.linalg.vecdot(a.flatten(1), b.flatten(1))
 
 
-def _add_product(total: Tensor | None, a: Tensor, b: Tensor) -> Tensor:
-    """total + a @ b (batched), in place; a @ b where there is no total yet."""
-    return torch.bmm(a, b) if total is None else total.baddbmm_(a, b)
+def _add_product(total: Tensor | None, a: Tensor, b: Tensor, alpha: float = 1.0) -> Tensor:
+    """total + alpha * a @ b (batched), in place; alpha * a @ b where there is no total yet."""
+    if total is None:
+        return torch.bmm(a, b) if alpha == 1.0 else torch.bmm(a, b).mul_(alpha)
+    return total.baddbmm_(a, b, alpha=alpha)
 
 
 def _silu_second_derivative(z: Tensor) -> Tensor:
@@ -226,6 +228,9 @@ class _ChunkStep(torch.autograd.Function):
         outputs, saved = forward(q, k, v, theta, log_eta, log_keep, max_grad_norm, *layers)
         depth = len(layers) // 3
         ctx.max_grad_norm, ctx.depth, ctx.compiled = max_grad_norm, depth, compiled
+        # an output nobody uses (the state after a training call's last chunk) gets None, not a zero
+        # tensor, so that backward skips what would only multiply zeros
+        ctx.set_materialize_grads(False)
         # the gradient point is the weights themselves except in a chunk an earlier call opened
         ctx.shared = tuple(at is w for at, w in zip(layers[2 * depth :], layers[:depth]))
         # everything through save_for_backward, so that checkpointing's saved-tensor hooks see it all
@@ -302,8 +307,11 @@ def _chunk_backward(
     """`_ChunkStep`'s backward: gradients of (q, k, v, theta, log_eta, log_keep, *layers).
 
     Where the gradient point of a layer is its weights (`shared`), its gradient goes into theirs
-    (and None is returned for it), so that no weight-sized sum is left to autograd.
+    (and None is returned for it), so that no weight-sized sum is left to autograd. A gradient given
+    as None (an unused output) counts as zero, and the work it would enter is skipped.
     """
+    if grad_y is None and all(g is None for g in grad_state):
+        return (None,) * (6 + 3 * depth)
     saved = iter(saved)
     theta = next(saved)
     gates = ChunkGates(*(next(saved) for _ in ChunkGates._fields))
@@ -320,6 +328,12 @@ def _chunk_backward(
     grad_w_coef = grad_s_coef = grad_keep_w_last = grad_keep_s_last = grad_eta_total = 0
     for layer in range(depth):
         g_w, g_s, u, e = grad_new_w[layer], grad_new_s[layer], inputs[layer], errors[layer]
+        if g_w is None and g_s is None:  # the state after the chunk is unused
+            for grads in (grad_w, grad_s, grad_e, grad_u):
+                grads.append(None)
+            continue
+        g_w = torch.zeros_like(weights[layer]) if g_w is None else g_w
+        g_s = torch.zeros_like(momentum[layer]) if g_s is None else g_s
         grad_w.append(g_w * keep_w[:, -1, None, None])
         grad_s.append((g_s * eta_total[:, None, None]).addcmul_(g_w, keep_s[:, -1, None, None]))
         back_w, back_s = torch.bmm(u, g_w), torch.bmm(u, g_s)  # [N, c, out]
@@ -335,23 +349,26 @@ def _chunk_backward(
     grad_coef = torch.zeros_like(coef)
     grad_keep_w, grad_keep_s = torch.zeros_like(keep_w), torch.zeros_like(keep_s)
     grad_h = grad_y
-    for layer in range(depth - 1, -1, -1):
+    for layer in range(depth - 1, -1, -1) if grad_y is not None else ():
         h, hw, hs, hu, r = reads[layer]
         grad_r = grad_h if layer == depth - 1 else grad_h * _silu_derivative(r)
         u, e = inputs[layer], errors[layer]
         grad_r_w, grad_r_s = grad_r * keep_w[..., None], grad_r * keep_s[..., None]
-        grad_w[layer].baddbmm_(h.mT, grad_r_w)
-        grad_s[layer].baddbmm_(h.mT, grad_r_s)
+        grad_w[layer] = _add_product(grad_w[layer], h.mT, grad_r_w)
+        grad_s[layer] = _add_product(grad_s[layer], h.mT, grad_r_s)
         grad_keep_w += (grad_r * hw).sum(-1)
         grad_keep_s += (grad_r * hs).sum(-1)
         grad_mixed = torch.bmm(grad_r, e.mT).neg_()  # dLoss / d(A * H U^T)
-        grad_e[layer].baddbmm_((coef * hu).mT, grad_r, alpha=-1)
+        grad_e[layer] = _add_product(grad_e[layer], (coef * hu).mT, grad_r, alpha=-1.0)
         grad_coef.addcmul_(grad_mixed, hu)
         grad_hu = grad_mixed.mul_(coef)
-        grad_u[layer].baddbmm_(grad_hu.mT, h)
+        grad_u[layer] = _add_product(grad_u[layer], grad_hu.mT, h)
         if layer or needs_grad_q:
             grad_h = torch.bmm(grad_r_w, weights[layer].mT).baddbmm_(grad_r_s, momentum[layer].mT).baddbmm_(grad_hu, u)
-    grad_q = grad_h if needs_grad_q else None
+    grad_q = grad_h if needs_grad_q and grad_y is not None else None
+    # what neither the state nor the reads reached is zero
+    grad_e = [torch.zeros_like(e) if g is None else g for g, e in zip(grad_e, errors)]
+    grad_u = [torch.zeros_like(u) if g is None else g for g, u in zip(grad_u, inputs)]
 
     # A = mix * theta', w_coef = A[:, -1], s_coef = carry_last * theta'.
     grad_coef[:, -1] += grad_w_coef
