@@ -345,7 +345,7 @@ def _chunk_backward(
         grad_keep_s_last = grad_keep_s_last + _batched_dot(g_w, momentum[layer])
         grad_eta_total = grad_eta_total + _batched_dot(g_s, momentum[layer])
 
-    # Through the reads, last layer first.
+    # Through the reads, last layer first (none of it when the outputs are unused).
     grad_coef = torch.zeros_like(coef)
     grad_keep_w, grad_keep_s = torch.zeros_like(keep_w), torch.zeros_like(keep_s)
     grad_h = grad_y
