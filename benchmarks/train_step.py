@@ -97,6 +97,7 @@ def main(argv: list[str] | None = None) -> None:
     for name, code in checkouts.items():
         if not (code / "forecasters" / "module.py").exists():
             raise SystemExit(f"--compare {code}: not a checkout of this repository (no forecasters/module.py)")
+    commits = {name: commit_of(code) for name, code in checkouts.items()}
     started = time.perf_counter()
     records = []
     for round_ in range(args.rounds):
@@ -110,7 +111,7 @@ def main(argv: list[str] | None = None) -> None:
                 lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
                 if proc.returncode or not lines:
                     raise SystemExit(f"{name} {model}: the worker failed:\n{proc.stderr[-3000:]}")
-                record = {"checkout": name, "commit": commit_of(code), "model": model, "round": round_,
+                record = {"checkout": name, "commit": commits[name], "model": model, "round": round_,
                           **json.loads(lines[-1][len("RESULT "):])}
                 records.append(record)
                 print(f"round {round_} {model:>8} {name:>7}: min {record['min_ms']:7.1f} ms  median {record['median_ms']:7.1f} ms",
@@ -125,7 +126,7 @@ def main(argv: list[str] | None = None) -> None:
     seconds = round(time.perf_counter() - started, 1)
     settings = {k: getattr(args, k) for k in ("rounds", "steps", "threads", "lookback", "horizon", "batch")}
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"settings": settings, "commits": {n: commit_of(c) for n, c in checkouts.items()},
+    args.out.write_text(json.dumps({"settings": settings, "commits": commits,
                                     "load_avg_after": os.getloadavg()[0], "seconds": seconds, "summary": summary,
                                     "records": records}, indent=1))
     for model, row in summary.items():

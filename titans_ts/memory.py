@@ -45,13 +45,11 @@ class MemoryState(NamedTuple):
     def expand(self, batch: int) -> MemoryState:
         """A state of batch 1 as the same state for `batch` streams (views, no copy)."""
         _require(self.conv_cache.shape[0] == 1, f"only a state of batch 1 can be expanded, got batch {self.conv_cache.shape[0]}")
-        return MemoryState(
-            tuple(w.expand(batch, *w.shape[1:]) for w in self.weights),
-            tuple(s.expand(batch, *s.shape[1:]) for s in self.momentum),
-            tuple(w.expand(batch, *w.shape[1:]) for w in self.chunk_start),
-            self.position,
-            self.conv_cache.expand(batch, *self.conv_cache.shape[1:]),
-        )
+
+        def grow(t: Tensor) -> Tensor:
+            return t.expand(batch, *t.shape[1:])
+
+        return MemoryState(*(tuple(map(grow, ws)) for ws in self[:3]), self.position, grow(self.conv_cache))
 
 
 Recurrence = Callable[..., tuple[Tensor, MemoryCarry]]
