@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/memory_speed.py                 # full run (installs the peer venv once)
     .venv/bin/python benchmarks/memory_speed.py --quick --out /tmp/ms.json   # smoke pass, seconds
+    .venv/bin/python benchmarks/memory_speed.py --summary-only  # derived fields, PNG, table from the results
 
 Expected run time (2 CPU cores): full run about 13-20 minutes on a quiet machine (13.1 min
 measured with the compiled form, whose compile takes 5-17 s per point), plus ~35 s for the
@@ -83,6 +84,10 @@ points: a 2048 x 2048 square matmul (`matmul_gflops_large`), and per (dim, chunk
 batched product our memory does most, bmm of [batch*heads, chunk, head_dim] x
 [batch*heads, head_dim, 2*head_dim] (`matmul_gflops_small`). `frac_of_peak_large/_small` =
 ours_gflops / those rates (and `fwd_frac_of_peak_*` for the forward-only rate).
+`speedup_ceiling` = speedup / frac_of_peak_small: the speedup ours would reach if its counted
+products all ran at that measured rate and everything else were free, an upper bound for any
+faster implementation of the same per-chunk products (`--summary-only` recomputes these fields
+from the files).
 
 Ours compiled (`--compiled`, on in full runs): the same point with
 `NeuralMemory(compile_chunks=True)`, each chunk's forward and backward through torch.compile. The
@@ -504,6 +509,10 @@ def apply_rates(records: list[dict], rates: dict) -> list[dict]:
         for prefix, g in (("", r.get("ours_gflops")), ("fwd_", r.get("ours_fwd_gflops"))):
             r[f"{prefix}frac_of_peak_large"] = g / large if (g and large) else None
             r[f"{prefix}frac_of_peak_small"] = g / small if (g and small) else None
+        # the speedup ours would reach if its counted products ran at the measured rate of such
+        # products and everything else (elementwise work, projections) were free: a ceiling
+        frac, speedup = r["frac_of_peak_small"], r.get("speedup")
+        r["speedup_ceiling"] = speedup / frac if (speedup and frac) else None
     return records
 
 
@@ -652,12 +661,13 @@ def print_table(records: list[dict]) -> None:
         return format(v, spec) if v is not None else "-"
 
     print(f"{'dim':>4} {'chunk':>5} {'T':>5} {'ours_ms':>10} {'peer_ms':>10} {'speedup':>8} {'compiled':>10} "
-          f"{'speedup':>8} {'peer_exact':>10} {'GFLOP/s':>8} {'fr_large':>8} {'fr_small':>8}")
+          f"{'speedup':>8} {'peer_exact':>10} {'GFLOP/s':>8} {'fr_large':>8} {'fr_small':>8} {'ceiling':>8}")
     for r in records:
         print(f"{r['dim']:>4} {r['chunk']:>5} {r['T']:>5} {f(r['ours_ms'], '10.1f')} {f(r['peer_ms'], '10.1f')} "
               f"{f(r['speedup'], '8.2f')} {f(r.get('ours_compiled_ms'), '10.1f')} {f(r.get('speedup_compiled'), '8.2f')} "
               f"{f(r['peer_exact_ms'], '10.1f')} {f(r['ours_gflops'], '8.2f')} "
-              f"{f(r['frac_of_peak_large'], '8.3f')} {f(r['frac_of_peak_small'], '8.3f')}")
+              f"{f(r['frac_of_peak_large'], '8.3f')} {f(r['frac_of_peak_small'], '8.3f')} "
+              f"{f(r.get('speedup_ceiling'), '8.1f')}")
 
 
 # --------------------------------------------------------------------------- profile
@@ -738,6 +748,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                    help="only print a torch.profiler table of one forward+backward of ours at the first dim/chunk/T "
                    "(default dim 256, chunk 16, T 2048, batch 32), then exit")
     p.add_argument("--profile-rows", type=int, default=25)
+    p.add_argument("--summary-only", action="store_true",
+                   help="run nothing: recompute the derived fields of --out's records from its machine rates, "
+                   "then rewrite --out, its PNG and print the table")
     args = p.parse_args(argv)
     if args.quick:
         if args.out is None:
@@ -763,12 +776,27 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     return args
 
 
+def rebuild_summary(out: Path) -> int:
+    """--summary-only: derived fields, PNG and table from the records and machine rates on disk."""
+    mpath = Path(f"{out.with_suffix('')}_machine.json")
+    if not (out.exists() and mpath.exists()):
+        print(f"--summary-only needs {out} and {mpath}; run the benchmark first", file=sys.stderr)
+        return 2
+    records = apply_rates(json.loads(out.read_text()), json.loads(mpath.read_text()))
+    save(records, out)
+    plot(records, Path(f"{out.with_suffix('')}.png"))
+    print_table(records)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
     if args.profile:
         profile_ours(args)
         return 0
+    if args.summary_only:
+        return rebuild_summary(Path(args.out))
     t0 = time.perf_counter()
     source_fingerprint()
     records, rates, use_peer = bench(args)
