@@ -12,6 +12,9 @@ configuration. Every (checkout, model, round) runs in a fresh process with `--th
 rounds alternate between the checkouts, so load from other jobs falls on both alike. Per step the
 minimum over `--steps` timed steps (after 3 untimed) is kept; per model and checkout the median of
 the rounds' minima, and with `--compare` the ratio compare / this (above 1: this checkout is faster).
+Each record also has `memory_update_ms`, the time the fastest step spent in the memory update's
+chunk kernels (`_chunk_forward` and `_chunk_backward` of `titans_ts.memory_ops`, timed by wrapping
+them), and the summary this checkout's median share of the step.
 
 Results: `benchmarks/results/train_step.json` (settings, one record per process, the summary).
 """
@@ -54,15 +57,47 @@ def worker(cfg: dict) -> dict:
         loss.backward()
         optimizer.step()
 
+    # compiled chunk kernels are the wrapped functions' compiled copies: not timed
+    compiled = any(getattr(m, "compile_chunks", False) for m in module.modules())
+    in_memory = None if compiled else _time_memory_update()
     for _ in range(3):
         step()
-    times = []
+    times, memory_times = [], []
     for _ in range(cfg["steps"]):
+        in_memory[0] = 0.0
         start = time.perf_counter()
         step()
         times.append(1e3 * (time.perf_counter() - start))
+        memory_times.append(1e3 * in_memory[0])
+    best = times.index(min(times))
     return {"min_ms": min(times), "median_ms": statistics.median(times),
-            "n_params": sum(p.numel() for p in module.parameters())}
+            "n_params": sum(p.numel() for p in module.parameters()),
+            # the memory update's share of the fastest step (None where the checkout has no such kernels)
+            "memory_update_ms": memory_times[best] if in_memory else None}
+
+
+def _time_memory_update() -> list[float] | None:
+    """Wrap the memory update's chunk kernels (forward and backward) of the checkout on sys.path
+    with a timer; returns the one-element list their seconds add up in (None: no such kernels)."""
+    from titans_ts import memory_ops
+
+    if not all(hasattr(memory_ops, name) for name in ("_chunk_forward", "_chunk_backward")):
+        return None
+    total = [0.0]
+
+    def timed(kernel):
+        def run(*args, **kwargs):
+            start = time.perf_counter()
+            try:
+                return kernel(*args, **kwargs)
+            finally:
+                total[0] += time.perf_counter() - start
+        return run
+
+    # _ChunkStep looks both up by name at every call, so the wrappers are what it runs
+    memory_ops._chunk_forward = timed(memory_ops._chunk_forward)
+    memory_ops._chunk_backward = timed(memory_ops._chunk_backward)
+    return total
 
 
 def commit_of(code: Path) -> str | None:
@@ -114,13 +149,18 @@ def main(argv: list[str] | None = None) -> None:
                 record = {"checkout": name, "commit": commits[name], "model": model, "round": round_,
                           **json.loads(lines[-1][len("RESULT "):])}
                 records.append(record)
-                print(f"round {round_} {model:>8} {name:>7}: min {record['min_ms']:7.1f} ms  median {record['median_ms']:7.1f} ms",
-                      flush=True)
+                memory = record["memory_update_ms"]
+                print(f"round {round_} {model:>8} {name:>7}: min {record['min_ms']:7.1f} ms  median {record['median_ms']:7.1f} ms"
+                      + (f"  (memory update {memory:6.1f} ms of the fastest)" if memory else ""), flush=True)
     summary = {}
     for model in args.models:
         per = {name: statistics.median(r["min_ms"] for r in records if r["model"] == model and r["checkout"] == name)
                for name in checkouts}
         summary[model] = {f"{name}_ms": round(ms, 1) for name, ms in per.items()}
+        shares = [r["memory_update_ms"] / r["min_ms"] for r in records
+                  if r["model"] == model and r["checkout"] == "this" and r["memory_update_ms"]]
+        if shares:  # the memory update's (chunk kernels') share of this checkout's step
+            summary[model]["this_memory_update_share"] = round(statistics.median(shares), 3)
         if args.compare:
             summary[model]["compare_over_this"] = round(per["compare"] / per["this"], 3)
     seconds = round(time.perf_counter() - started, 1)

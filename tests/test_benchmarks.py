@@ -47,6 +47,13 @@ def test_train_step_quick_compares_two_checkouts(tmp_path):
     assert set(result["summary"]) == {"mal", "dlinear"}
     assert all(r["min_ms"] > 0 for r in result["records"]) and len(result["records"]) == 4
     assert all(row["compare_over_this"] > 0 for row in result["summary"].values())
+    # the memory update's time is part of MAL's step; the DLinear-style model has no memory
+    for record in result["records"]:
+        if record["model"] == "mal":
+            assert 0 < record["memory_update_ms"] < record["min_ms"]
+        else:
+            assert record["memory_update_ms"] == 0.0
+    assert 0 < result["summary"]["mal"]["this_memory_update_share"] < 1
 
 
 def synthetic_etth1(folder: Path) -> Path:
