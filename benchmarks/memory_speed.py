@@ -518,7 +518,7 @@ def apply_rates(records: list[dict], rates: dict) -> list[dict]:
 
 def previous_rates(args: argparse.Namespace) -> dict | None:
     """With --resume, the rates recorded by the earlier invocation (so all records share the best)."""
-    mpath = Path(f"{Path(args.out).with_suffix('')}_machine.json")
+    mpath = machine_path(Path(args.out))
     if not (args.resume and mpath.exists()):
         return None
     old = json.loads(mpath.read_text())
@@ -776,9 +776,14 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     return args
 
 
+def machine_path(out: Path) -> Path:
+    """The machine-rates file beside a records file: <stem>_machine.json."""
+    return Path(f"{out.with_suffix('')}_machine.json")
+
+
 def rebuild_summary(out: Path) -> int:
     """--summary-only: derived fields, PNG and table from the records and machine rates on disk."""
-    mpath = Path(f"{out.with_suffix('')}_machine.json")
+    mpath = machine_path(out)
     if not (out.exists() and mpath.exists()):
         print(f"--summary-only needs {out} and {mpath}; run the benchmark first", file=sys.stderr)
         return 2
@@ -807,7 +812,7 @@ def main(argv: list[str] | None = None) -> int:
     save(records, out)
     machine = machine_info(args, rates, use_peer, total,
                            [".venv/bin/python", str(Path(__file__).relative_to(ROOT)), *argv])
-    mpath = Path(f"{stem}_machine.json")
+    mpath = machine_path(out)
     runs = []
     if args.resume and mpath.exists():
         old = json.loads(mpath.read_text())
