@@ -822,7 +822,7 @@ def main(argv: list[str] | None = None) -> int:
     mpath.write_text(json.dumps(machine, indent=1) + "\n")
     plot(records, Path(f"{stem}.png"))
     print_table(records)
-    print(f"[done] {len(records)} points in {total / 60:.1f} min -> {out}, {stem}_machine.json, {stem}.png", flush=True)
+    print(f"[done] {len(records)} points in {total / 60:.1f} min -> {out}, {mpath}, {stem}.png", flush=True)
     return 0
 
 
