@@ -3,7 +3,9 @@
 Designed for series: reversible instance normalisation (RevIN), channel independence by default
 (each channel its own token sequence, weights shared) or channel mixing, patch tokens (patch_len,
 patch_stride; patch_len=1 gives point tokens), a Titans backbone, and a linear head to H steps
-(times the number of quantiles when a quantile loss is used).
+(times the number of quantiles when a quantile loss is used). With ``linear_skip`` a linear map from
+the normalised window straight to the H steps (RLinear, Li et al. 2023) is added to the head's
+output, so the backbone learns what a linear forecast misses.
 """
 
 from __future__ import annotations
@@ -65,6 +67,7 @@ class TitansForecastModel(nn.Module):
         patch_stride: int = 8,
         channel_independent: bool = True,
         revin: bool = True,
+        linear_skip: bool = False,
         n_outputs: int = 1,
     ) -> None:
         super().__init__()
@@ -98,6 +101,8 @@ class TitansForecastModel(nn.Module):
         )
         self.head = nn.Sequential(nn.Flatten(-2), nn.Dropout(dropout),
                                   nn.Linear(self.n_tokens * dim, horizon * head_channels * n_outputs))
+        # per channel, weights shared across channels: L values -> H steps (x n_outputs)
+        self.linear_skip = nn.Linear(lookback, horizon * n_outputs) if linear_skip else None
 
     def forward(self, x: Tensor, states: list[MemoryState] | None = None) -> tuple[Tensor, list[MemoryState]]:
         """x [batch, L, n_channels] -> (forecast [batch, H, n_targets] or [..., n_outputs], memory states).
@@ -124,6 +129,9 @@ class TitansForecastModel(nn.Module):
             out = out.view(batch, self.n_channels, self.horizon, self.n_outputs).transpose(1, 2)
         else:
             out = out.view(batch, self.horizon, self.n_channels, self.n_outputs)
+        if self.linear_skip is not None:
+            skip = self.linear_skip(x.transpose(1, 2))  # [batch, C, H * outputs]
+            out = out + skip.view(batch, self.n_channels, self.horizon, self.n_outputs).transpose(1, 2)
         out = out[:, :, -self.n_targets :]  # [batch, H, targets, outputs]; targets are the last channels
         if self.revin is not None:
             out = self.revin.denormalize(out, mean, std, slice(self.n_channels - self.n_targets, None))

@@ -68,6 +68,7 @@ class TitansForecastingModule(pl.LightningModule):
         patch_stride: int = 8,
         channel_independent: bool = True,
         revin: bool = True,
+        linear_skip: bool = False,
         moving_avg: int = 25,
         loss: LossName = "mse",
         quantiles: tuple[float, ...] = (0.1, 0.5, 0.9),
@@ -86,7 +87,7 @@ class TitansForecastingModule(pl.LightningModule):
             recompute_chunks=recompute_chunks, compile_chunks=compile_chunks,
             window=window, segment_len=segment_len, n_persistent=n_persistent, ff_mult=ff_mult, dropout=dropout,
             patch_len=patch_len, patch_stride=patch_stride, channel_independent=channel_independent, revin=revin,
-            n_outputs=len(quantiles) if loss == "quantile" else 1,
+            linear_skip=linear_skip, n_outputs=len(quantiles) if loss == "quantile" else 1,
         )
         self.register_buffer("quantile_levels", torch.tensor(sorted(quantiles)) if loss == "quantile" else torch.zeros(0))
         self.register_buffer("target_mean", torch.zeros(n_targets))

@@ -48,10 +48,20 @@ _FLOATS: dict[str, tuple[float, float, tuple[bool, bool], str]] = {
     "dropout": (0.0, 1.0, (True, False), "the dropout probability; e.g. 0.1"),
 }
 
+#: Switches: (what True does). YAML's `yes`/`true` arrive as bools; a string such as "false" would be truthy.
+_BOOLS: dict[str, str] = {
+    "channel_independent": "each channel its own token sequence",
+    "revin": "reversible instance normalisation of each window",
+    "linear_skip": "add a linear forecast of the normalised window to the head's",
+    "cosine_schedule": "cosine-anneal the learning rate",
+    "compile": "run the network through torch.compile",
+    "compile_chunks": "compile the memory's chunk step",
+}
+
 #: Hyperparameters that fix the weights' shapes: a checkpoint only loads into a module with the same values.
 ARCHITECTURE_HPARAMS: tuple[str, ...] = (
     "n_channels", "lookback", "horizon", "n_targets", "variant", "dim", "n_layers", "heads", "memory_depth",
-    "n_persistent", "ff_mult", "patch_len", "patch_stride", "channel_independent", "revin", "loss", "quantiles",
+    "n_persistent", "ff_mult", "patch_len", "patch_stride", "channel_independent", "revin", "linear_skip", "loss", "quantiles",
 )
 
 
@@ -85,6 +95,9 @@ def validate_hparams(hparams: Mapping[str, Any]) -> None:
     for name, (low, high, closed, hint) in _FLOATS.items():
         if name in hparams and not (name == "max_grad_norm" and hparams[name] is None):
             check_float(name, hparams[name], low, high, closed, hint)
+    for name, meaning in _BOOLS.items():
+        if name in hparams and not isinstance(hparams[name], (bool, np.bool_)):
+            raise ValueError(f"{name} must be True or False ({meaning}), got {hparams[name]!r}")
     _check_choices(hparams)
     _check_relations(hparams)
 

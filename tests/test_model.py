@@ -13,8 +13,9 @@ SMALL = dict(dim=16, n_layers=1, heads=2, window=4, segment_len=4, chunk_size=4,
 @pytest.mark.parametrize("variant", ["mac", "mag", "mal", "lmm"])
 @pytest.mark.parametrize(
     "layout",
-    [dict(), dict(channel_independent=False), dict(patch_len=1, patch_stride=1), dict(revin=False)],
-    ids=["patches-ci", "channel-mixing", "point-tokens", "no-revin"],
+    [dict(), dict(channel_independent=False), dict(patch_len=1, patch_stride=1), dict(revin=False),
+     dict(linear_skip=True)],
+    ids=["patches-ci", "channel-mixing", "point-tokens", "no-revin", "linear-skip"],
 )
 def test_forecast_shapes_and_gradients(variant, layout):
     torch.manual_seed(0)
@@ -31,6 +32,30 @@ def test_target_subset_and_quantile_outputs():
     model = TitansForecastModel(4, lookback=16, horizon=3, n_targets=1, n_outputs=3, patch_len=4, patch_stride=4, **SMALL)
     out, _ = model(torch.randn(2, 16, 4))
     assert out.shape == (2, 3, 1, 3)
+
+
+@pytest.mark.parametrize("layout", [dict(), dict(channel_independent=False), dict(n_targets=2, n_outputs=3)],
+                         ids=["channel-independent", "channel-mixing", "targets-and-quantiles"])
+def test_linear_skip_adds_a_linear_forecast_of_the_normalised_window(layout):
+    torch.manual_seed(0)
+    n_outputs = layout.get("n_outputs", 1)
+    model = TitansForecastModel(3, lookback=24, horizon=5, linear_skip=True, patch_len=6, patch_stride=3,
+                                **SMALL, **layout).eval()
+    x = torch.randn(4, 24, 3) * 3 + 1
+    with torch.no_grad():
+        with_head = model(x)[0]
+        model.head[-1].weight.zero_()
+        model.head[-1].bias.zero_()
+        skip_only = model(x)[0]
+        normalised, mean, std = model.revin.normalize(x)
+        linear = model.linear_skip(normalised.transpose(1, 2)).view(4, 3, 5, n_outputs).transpose(1, 2)
+        targets = slice(3 - model.n_targets, None)
+        expected = model.revin.denormalize(linear[:, :, targets], mean, std, targets)
+    expected = expected.squeeze(-1) if n_outputs == 1 else expected
+    torch.testing.assert_close(skip_only, expected)
+    assert not torch.allclose(with_head, skip_only)  # the backbone's head still adds its part
+    plain = TitansForecastModel(3, lookback=24, horizon=5, patch_len=6, patch_stride=3, **SMALL, **layout)
+    assert model.linear_skip.weight.numel() == 24 * 5 * n_outputs and plain.linear_skip is None
 
 
 def test_revin_is_reversible_and_scale_equivariant():
@@ -77,6 +102,7 @@ def test_wrong_window_shape_is_named():
         (dict(loss="quantile", quantiles=(0.1, 0.9)), "include 0.5"),
         (dict(lr=-1.0), "lr must be positive"),
         (dict(recompute_chunks=0), "recompute_chunks must be an integer >= 1"),
+        (dict(linear_skip="false"), "linear_skip must be True or False"),
     ],
 )
 def test_bad_module_arguments(kwargs, message):
