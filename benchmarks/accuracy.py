@@ -467,12 +467,34 @@ def config_value(dataset: str, model: str, key: str, read_text: Any = None) -> A
     node: Any = yaml.safe_load(read_text(rel))
     for part in key.split("."):
         if not isinstance(node, dict) or part not in node:
-            raise KeyError(f"{key} is not spelled out in {rel}" + (f" (reached from {start})" if rel != start else ""))
+            missing = f"{key} is not spelled out in {rel}" + (f" (reached from {start})" if rel != start else "")
+            if key.startswith("model.") and key.count(".") == 1:
+                return module_default(key.split(".")[1], read_text, missing)
+            raise KeyError(missing)
         node = node[part]
         if isinstance(node, str) and node.endswith((".yaml", ".yml")):
             rel = posixpath.normpath(posixpath.join(posixpath.dirname(rel), node))
             node = yaml.safe_load(read_text(rel))
     return node
+
+
+def module_default(name: str, read_text: Any, missing: str) -> Any:
+    """The default of TitansForecastingModule's argument `name` in ``forecasters/module.py`` as `read_text`
+    reads it: what a config that does not spell `name` out runs with. An argument the module did not have
+    yet reads as today's default, since a new option's default keeps the behaviour from before it."""
+    import ast
+
+    def defaults(source: str) -> dict[str, Any]:
+        for node in ast.walk(ast.parse(source)):
+            if isinstance(node, ast.FunctionDef) and node.name == "__init__":
+                args = node.args.args[len(node.args.args) - len(node.args.defaults):]
+                return {a.arg: ast.literal_eval(d) for a, d in zip(args, node.args.defaults)}
+        return {}
+
+    for source in (read_text("forecasters/module.py"), (ROOT / "forecasters/module.py").read_text()):
+        if name in (found := defaults(source)):
+            return found[name]
+    raise KeyError(f"{missing}, and TitansForecastingModule has no argument {name!r}")
 
 
 def git_reader(commit: str) -> Any:

@@ -191,8 +191,14 @@ def test_accuracy_config_value_follows_references_at_any_commit():
     # a config added after a commit reads as first committed (a run made before its model's config landed)
     first = subprocess.run(["git", "log", "--format=%h", "--reverse"], cwd=ROOT, capture_output=True, text=True).stdout.split()[0]
     assert accuracy.config_value("etth1", "mal", "model.variant", accuracy.git_reader(first)) == "mal"
-    with pytest.raises(KeyError, match=r"model.no_such_key is not spelled out in configs/model/mal.yaml \(reached from configs/etth1/mal.yaml\)"):
+    with pytest.raises(KeyError, match=r"model.no_such_key is not spelled out in configs/model/mal.yaml \(reached from "
+                       r"configs/etth1/mal.yaml\), and TitansForecastingModule has no argument 'no_such_key'"):
         accuracy.config_value("etth1", "mal", "model.no_such_key")
+    # a module argument the config leaves out runs at the module's default, at that commit if it had the
+    # argument (max_lr: there from the first commit), else today's (linear_skip came later, off by default)
+    assert accuracy.config_value("etth1", "mal", "model.max_lr", accuracy.git_reader(first)) == 0.1
+    assert accuracy.config_value("etth1", "mal", "model.linear_skip", accuracy.git_reader(first)) is False
+    assert accuracy.config_value("etth1", "mal", "model.linear_skip") is False
 
 
 def grid_record(model, horizon, seed, val, overrides=None, dataset="etth1"):
