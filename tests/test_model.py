@@ -43,6 +43,9 @@ def test_linear_skip_adds_a_linear_forecast_of_the_normalised_window(layout):
                                 **SMALL, **layout).eval()
     x = torch.randn(4, 24, 3) * 3 + 1
     with torch.no_grad():
+        plain_start = model(x)[0]
+        model.linear_skip.weight.normal_(0, 0.1)
+        model.linear_skip.bias.normal_(0, 0.1)
         with_head = model(x)[0]
         model.head[-1].weight.zero_()
         model.head[-1].bias.zero_()
@@ -54,8 +57,11 @@ def test_linear_skip_adds_a_linear_forecast_of_the_normalised_window(layout):
     expected = expected.squeeze(-1) if n_outputs == 1 else expected
     torch.testing.assert_close(skip_only, expected)
     assert not torch.allclose(with_head, skip_only)  # the backbone's head still adds its part
-    plain = TitansForecastModel(3, lookback=24, horizon=5, patch_len=6, patch_stride=3, **SMALL, **layout)
+    torch.manual_seed(0)
+    plain = TitansForecastModel(3, lookback=24, horizon=5, patch_len=6, patch_stride=3, **SMALL, **layout).eval()
     assert model.linear_skip.weight.numel() == 24 * 5 * n_outputs and plain.linear_skip is None
+    with torch.no_grad():  # the skip starts at zero: the same seed builds the same forecast as without it
+        torch.testing.assert_close(plain_start, plain(x)[0])
 
 
 def test_revin_is_reversible_and_scale_equivariant():
