@@ -308,7 +308,7 @@ def summary_table(records: list[dict[str, Any]]) -> str:
             lines.append("")
     best = best_variant(records)
     lines.append(f"Best Titans variant on validation MSE at L=96 (horizons all variants finished): {best or 'not yet known'}.")
-    lines += ["", *target_verdicts(records), *lookback_table(records)]
+    lines += ["", *target_verdicts(records), *validation_agreement(records), *lookback_table(records)]
     return "\n".join(lines) + "\n"
 
 
@@ -363,6 +363,46 @@ def plot_lookback(records: list[dict[str, Any]], path: Path) -> bool:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return True
+
+
+def rank_correlation(xs: list[float], ys: list[float]) -> float:
+    """Spearman's rank correlation (ties share their mean rank); nan when either side is constant."""
+    def ranks(values: list[float]) -> list[float]:
+        order = sorted(range(len(values)), key=values.__getitem__)
+        result = [0.0] * len(values)
+        start = 0
+        while start < len(order):
+            end = start
+            while end + 1 < len(order) and values[order[end + 1]] == values[order[start]]:
+                end += 1
+            for i in order[start:end + 1]:
+                result[i] = (start + end) / 2 + 1
+            start = end + 1
+        return result
+
+    try:
+        return statistics.correlation(ranks(xs), ranks(ys))
+    except statistics.StatisticsError:  # fewer than two points, or a constant side
+        return math.nan
+
+
+def validation_agreement(records: list[dict[str, Any]]) -> list[str]:
+    """Markdown: per dataset and horizon at L=96, how well validation MSE ranks the runs' test MSE over every
+    model and seed. Hyperparameters are chosen on validation, so a low figure says a choice made there
+    carries little information about test in that cell."""
+    cells: dict[tuple, list[dict[str, Any]]] = defaultdict(list)
+    for r in records:
+        if r["lookback"] == 96:
+            cells[(r["dataset"], r["horizon"])].append(r)
+    rows = [(key, rs) for key, rs in sorted(cells.items()) if len(rs) >= 3]
+    if not rows:
+        return []
+    lines = ["", "### How well validation ranks test (L=96, every model and seed of a cell)", "",
+             "| dataset | H | runs | Spearman rank correlation, best val MSE vs test MSE |", "| --- | --- | --- | --- |"]
+    for (dataset, horizon), rs in rows:
+        rho = rank_correlation([r["best_val_mse"] for r in rs], [r["test_mse"] for r in rs])
+        lines.append(f"| {dataset.upper()} | {horizon} | {len(rs)} | {rho:.2f} |")
+    return lines
 
 
 def target_verdicts(records: list[dict[str, Any]]) -> list[str]:

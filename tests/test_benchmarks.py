@@ -207,6 +207,23 @@ def grid_record(model, horizon, seed, val, overrides=None, dataset="etth1"):
             "overrides": overrides or {}}
 
 
+def test_accuracy_validation_agreement_ranks_runs():
+    import math
+
+    accuracy = load_benchmark("accuracy")
+    assert accuracy.rank_correlation([1, 2, 3, 4], [10, 20, 30, 45]) == 1.0  # ranks, not values
+    assert accuracy.rank_correlation([1, 2, 3], [3, 2, 1]) == -1.0
+    assert accuracy.rank_correlation([1, 1, 2, 3], [5, 5, 6, 7]) == 1.0  # ties share a rank on both sides
+    assert math.isnan(accuracy.rank_correlation([1, 2, 3], [4, 4, 4]))
+    agreeing = [grid_record("mal", 96, s, v) for s, v in enumerate([0.70, 0.71, 0.72])]
+    disagreeing = [{**grid_record("mal", 720, s, v), "test_mse": t}
+                   for s, (v, t) in enumerate([(1.56, 0.50), (1.57, 0.48), (1.58, 0.49)])]
+    lines = accuracy.validation_agreement(agreeing + disagreeing + [grid_record("mal", 336, 0, 1.3)])
+    assert "| ETTH1 | 96 | 3 | 1.00 |" in lines and "| ETTH1 | 720 | 3 | -0.50 |" in lines
+    assert not any("| 336 |" in line for line in lines)  # one run ranks nothing
+    assert accuracy.validation_agreement([]) == []
+
+
 def test_accuracy_study_comparison_puts_validation_first():
     accuracy = load_benchmark("accuracy")
     study = [grid_record("lmm", 96, 0, 0.69, {"model.lr": "0.0001"}), grid_record("lmm", 336, 0, 1.31, {"model.lr": "0.0001"}),
