@@ -367,21 +367,10 @@ def plot_lookback(records: list[dict[str, Any]], path: Path) -> bool:
 
 def rank_correlation(xs: list[float], ys: list[float]) -> float:
     """Spearman's rank correlation (ties share their mean rank); nan when either side is constant."""
-    def ranks(values: list[float]) -> list[float]:
-        order = sorted(range(len(values)), key=values.__getitem__)
-        result = [0.0] * len(values)
-        start = 0
-        while start < len(order):
-            end = start
-            while end + 1 < len(order) and values[order[end + 1]] == values[order[start]]:
-                end += 1
-            for i in order[start:end + 1]:
-                result[i] = (start + end) / 2 + 1
-            start = end + 1
-        return result
+    import pandas as pd
 
     try:
-        return statistics.correlation(ranks(xs), ranks(ys))
+        return statistics.correlation(pd.Series(xs).rank().tolist(), pd.Series(ys).rank().tolist())
     except statistics.StatisticsError:  # fewer than two points, or a constant side
         return math.nan
 
