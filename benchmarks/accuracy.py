@@ -228,16 +228,12 @@ def save_records(records: list[dict[str, Any]], path: Path) -> None:
 def append_record(record: dict[str, Any], path: Path) -> list[dict[str, Any]]:
     """Add one record to the file, re-read under a lock, so several workers (e.g. one per model
     group) can fill the same grid; returns all records now in the file."""
-    import fcntl
+    from forecasters.tracking import folder_lock
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    folder = os.open(path.parent, os.O_RDONLY)  # lock the folder: the file itself is replaced on every write
-    try:
-        fcntl.flock(folder, fcntl.LOCK_EX)
+    with folder_lock(path.parent):  # the folder, as the file itself is replaced on every write
         records = [r for r in load_records(path) if Cell.of(r) != Cell.of(record)] + [record]
         save_records(records, path)
-    finally:
-        os.close(folder)  # closing releases the lock
     return records
 
 

@@ -50,7 +50,9 @@ __all__ = [
     "compare_runs",
     "dataset_name",
     "flatten_config",
+    "folder_lock",
     "git_commit",
+    "local_store_lock",
     "resolve_tracking_uri",
     "run_tags",
 ]
@@ -71,6 +73,42 @@ def resolve_tracking_uri(tracking_uri: str | None = None) -> str:
     """
     uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
     return uri if uri else f"sqlite:///{Path.cwd() / DEFAULT_DB_FILE}"
+
+
+@contextlib.contextmanager
+def folder_lock(folder: str | os.PathLike[str]) -> Iterator[None]:
+    """Hold an exclusive advisory lock on ``folder`` (POSIX ``flock``; a no-op where that is missing).
+
+    The folder, not a file in it, is locked: the files it guards may be replaced or created under the lock.
+    """
+    try:
+        import fcntl
+    except ImportError:  # Windows: no flock; callers there run unguarded, as MLflow itself does
+        yield
+        return
+    handle = os.open(folder, os.O_RDONLY)
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(handle)  # closing releases the lock
+
+
+@contextlib.contextmanager
+def local_store_lock(tracking_uri: str) -> Iterator[None]:
+    """Serialise the first use of a local SQLite store across processes; other stores pass through.
+
+    MLflow creates and migrates a new ``sqlite:///`` database on first use, and looks up or creates the
+    experiment, without a lock: several fits started at once on a fresh ``mlflow.db`` (a sweep, parallel
+    benchmark workers) then fail with "table ... already exists" or a duplicate experiment.
+    """
+    prefix = "sqlite:///"
+    path = Path(tracking_uri[len(prefix):]) if tracking_uri.startswith(prefix) else None
+    if path is None or str(path) in ("", ":memory:") or not path.absolute().parent.is_dir():
+        yield  # a server, another backend, or a folder MLflow will refuse with its own error
+        return
+    with folder_lock(path.absolute().parent):
+        yield
 
 
 #: Seconds to wait for a tracking server to answer before giving up (MLflow itself retries for minutes).
@@ -200,11 +238,13 @@ class TitansMLFlowLogger(MLFlowLogger):
             raise ValueError(f"plot_windows must be >= 0, got {plot_windows}")
         if model_format not in ("pickle", "pt2"):
             raise ValueError(f"model_format must be 'pickle' or 'pt2', got {model_format!r}")
-        super().__init__(
-            experiment_name=experiment_name, run_name=run_name, tracking_uri=resolve_tracking_uri(tracking_uri),
-            tags=dict(tags) if tags else None, artifact_location=artifact_location, run_id=run_id,
-            log_model=False, synchronous=synchronous,
-        )
+        tracking_uri = resolve_tracking_uri(tracking_uri)
+        with local_store_lock(tracking_uri):  # the parent's MlflowClient creates a fresh store
+            super().__init__(
+                experiment_name=experiment_name, run_name=run_name, tracking_uri=tracking_uri,
+                tags=dict(tags) if tags else None, artifact_location=artifact_location, run_id=run_id,
+                log_model=False, synchronous=synchronous,
+            )
         self.log_forecast_model = log_forecast_model
         self.model_format = model_format
         self.plot_windows = plot_windows
@@ -227,7 +267,9 @@ class TitansMLFlowLogger(MLFlowLogger):
         if not self._server_checked and rank_zero_only.rank == 0:
             check_tracking_server(self._tracking_uri)
             self._server_checked = True
-        with _tracking_env_kept():
+        # The first use finds or creates the experiment, then the run.
+        lock = contextlib.nullcontext() if self._initialized else local_store_lock(self._tracking_uri)
+        with lock, _tracking_env_kept():
             return super().experiment
 
     def finalize(self, status: str = "success") -> None:

@@ -13,6 +13,7 @@ import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -25,6 +26,7 @@ from forecasters.tracking import (
     TitansMLFlowLogger,
     dataset_name,
     flatten_config,
+    folder_lock,
     git_commit,
     resolve_tracking_uri,
 )
@@ -118,6 +120,55 @@ def test_a_second_logger_in_another_folder_gets_that_folders_store(tmp_path: Pat
         logger.start({"dataset": "toy"})
         logger.finalize("success")
         assert (folder / "mlflow.db").is_file() and "MLFLOW_TRACKING_URI" not in os.environ
+
+
+def _start_a_run(uri: str, barrier: Any, results: Any) -> None:
+    barrier.wait()  # every process reaches the fresh store at once
+    try:
+        results.put(TitansMLFlowLogger(experiment_name="unit", tracking_uri=uri).run_id)
+    except Exception as error:  # reported to the test, which names it
+        results.put(f"{type(error).__name__}: {error}")
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="flock and fork are POSIX")
+def test_fits_started_at_once_share_a_fresh_sqlite_store(tmp_path: Path) -> None:
+    # Unguarded, MLflow's creation and migration of a new database races: all but one process failed
+    # with "table ... already exists" or "duplicate column name" on every try (4 processes).
+    import multiprocessing
+
+    import mlflow
+
+    uri, n = f"sqlite:///{tmp_path / 'mlflow.db'}", 4
+    context = multiprocessing.get_context("fork")
+    barrier, results = context.Barrier(n), context.Queue()
+    processes = [context.Process(target=_start_a_run, args=(uri, barrier, results)) for _ in range(n)]
+    for process in processes:
+        process.start()
+    outcomes = [results.get(timeout=120) for _ in processes]
+    for process in processes:
+        process.join(timeout=60)
+    assert all(len(o) == 32 and ":" not in o for o in outcomes), outcomes  # run ids, not errors
+    client = mlflow.MlflowClient(uri)
+    experiments = [e for e in client.search_experiments() if e.name == "unit"]
+    assert len(experiments) == 1
+    assert {r.info.run_id for r in client.search_runs([experiments[0].experiment_id])} == set(outcomes)
+
+
+def test_folder_lock_excludes_a_second_holder(tmp_path: Path) -> None:
+    import fcntl
+
+    with folder_lock(tmp_path):
+        other = os.open(tmp_path, os.O_RDONLY)
+        try:
+            with pytest.raises(BlockingIOError):
+                fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        finally:
+            os.close(other)
+    other = os.open(tmp_path, os.O_RDONLY)  # released on exit
+    try:
+        fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    finally:
+        os.close(other)
 
 
 # -- a real tracking server --------------------------------------------------------------------------
