@@ -162,8 +162,11 @@ def test_accuracy_lookback_study_table_and_plot(tmp_path):
     records = [record("mal", 96, 0, 0.40), record("mal", 96, 1, 0.42), record("mal", 336, 0, 0.38),
                record("patchtst", 720, 0, 0.39), record("patchtst", 96, 0, 0.45), record("lmm", 96, 0, 0.5)]
     lines = accuracy.lookback_table(records)
-    assert "| ETTH1 | mal | 96 | 0.410 / 0.510 (0.610; seeds 0,1) | 0.380 / 0.480 (0.580; seeds 0) | — |" in lines
-    assert "| ETTH1 | patchtst | 96 | 0.450 / 0.550 (0.650; seeds 0) | — | 0.390 / 0.490 (0.590; seeds 0) |" in lines
+    assert "| ETTH1 | mal | 96 | 0.410 / 0.510 (0.610; seeds 0,1) | 0.380 / 0.480 (0.580; seeds 0) | — | L=336: 0.380 |" in lines
+    assert "| ETTH1 | patchtst | 96 | 0.450 / 0.550 (0.650; seeds 0) | — | 0.390 / 0.490 (0.590; seeds 0) | L=720: 0.390 |" in lines
+    worse_on_val = [{**r, "best_val_mse": 0.9} if r["lookback"] == 336 else r for r in records]
+    assert "| ETTH1 | mal | 96 | 0.410 / 0.510 (0.610; seeds 0,1) | 0.380 / 0.480 (0.900; seeds 0) | — | L=96: 0.410 |" \
+        in accuracy.lookback_table(worse_on_val)  # the pick follows validation, not test
     assert not any("| lmm |" in line for line in lines)  # one lookback only: not part of the study
     assert accuracy.plot_lookback(records, tmp_path / "lookback.png") and (tmp_path / "lookback.png").exists()
     assert accuracy.lookback_table(records[-1:]) == [] and not accuracy.plot_lookback(records[-1:], tmp_path / "none.png")
