@@ -348,13 +348,15 @@ def plot_lookback(records: list[dict[str, Any]], path: Path) -> bool:
     import matplotlib.pyplot as plt
 
     datasets = sorted({key[0] for key in cells})
+    # One colour per horizon, one line style per model: the two models of a horizon sit side by side.
+    colours = {h: f"C{i}" for i, h in enumerate(sorted({key[2] for key in cells}))}
     fig, axes = plt.subplots(1, len(datasets), figsize=(5.5 * len(datasets), 4), squeeze=False)
     for ax, dataset in zip(axes[0], datasets):
         for (d, model, horizon), by in cells.items():
             if d == dataset:
                 points = sorted(by.items())
                 ax.errorbar([lb for lb, _ in points], [e["mse"][0] for _, e in points], yerr=[e["mse"][1] for _, e in points],
-                            marker="o", capsize=3, label=f"{model}, H={horizon}",
+                            marker="o", capsize=3, label=f"{model}, H={horizon}", color=colours[horizon],
                             linestyle="--" if model in ("patchtst", "dlinear") else "-")
         ax.set(title=f"{dataset.upper()}: lookback study", xlabel="lookback L", ylabel="test MSE (scaled)",
                xticks=sorted({lb for by in cells.values() for lb in by}))
