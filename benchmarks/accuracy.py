@@ -2,7 +2,7 @@
 the same harness, and the lookback study.
 
     .venv/bin/python benchmarks/accuracy.py --resume                 # the main grid (or what is left of it)
-    .venv/bin/python benchmarks/accuracy.py --resume --lookback_study  # L in {96, 336, 720}: best variant + patchtst
+    .venv/bin/python benchmarks/accuracy.py --resume --lookback_study  # L in {96, 336, 720}: best variant, patchtst, dlinear
     .venv/bin/python benchmarks/accuracy.py --summary_only           # table and PNG from the JSON, no training
     .venv/bin/python benchmarks/accuracy.py --quick --workdir /tmp/q --out /tmp/q/acc.json   # smoke pass, ~30 s
     .venv/bin/python benchmarks/accuracy.py --resume --set model.lr=0.0001 --models lmm --horizons 336 \
@@ -69,6 +69,8 @@ RESULTS = ROOT / "benchmarks" / "results"
 DATASETS = ("etth1", "etth2")
 VARIANTS = ("mac", "mag", "mal", "lmm")
 MODELS = (*VARIANTS, "patchtst", "dlinear")
+#: Plot line style per model: solid for the Titans variants, one style per baseline.
+LINE_STYLES = {"patchtst": "--", "dlinear": ":"}
 HORIZONS = (96, 192, 336, 720)
 SEEDS = (0, 1, 2)
 LOOKBACKS = (96, 336, 720)
@@ -348,7 +350,7 @@ def plot_lookback(records: list[dict[str, Any]], path: Path) -> bool:
     import matplotlib.pyplot as plt
 
     datasets = sorted({key[0] for key in cells})
-    # One colour per horizon, one line style per model: the two models of a horizon sit side by side.
+    # One colour per horizon, one line style per model: the models of a horizon sit side by side.
     colours = {h: f"C{i}" for i, h in enumerate(sorted({key[2] for key in cells}))}
     fig, axes = plt.subplots(1, len(datasets), figsize=(5.5 * len(datasets), 4), squeeze=False)
     for ax, dataset in zip(axes[0], datasets):
@@ -357,7 +359,7 @@ def plot_lookback(records: list[dict[str, Any]], path: Path) -> bool:
                 points = sorted(by.items())
                 ax.errorbar([lb for lb, _ in points], [e["mse"][0] for _, e in points], yerr=[e["mse"][1] for _, e in points],
                             marker="o", capsize=3, label=f"{model}, H={horizon}", color=colours[horizon],
-                            linestyle="--" if model in ("patchtst", "dlinear") else "-")
+                            linestyle=LINE_STYLES.get(model, "-"))
         ax.set(title=f"{dataset.upper()}: lookback study", xlabel="lookback L", ylabel="test MSE (scaled)",
                xticks=sorted({lb for by in cells.values() for lb in by}))
         ax.grid(True, alpha=0.3)
@@ -437,7 +439,7 @@ def plot(records: list[dict[str, Any]], path: Path) -> None:
             points = sorted((k[3], v["mse"]) for k, v in summary.items() if k[0] == dataset and k[1] == model)
             if points:
                 ax.errorbar([h for h, _ in points], [m for _, (m, _) in points], yerr=[s for _, (_, s) in points],
-                            marker="o", capsize=3, label=model, linestyle="--" if model in ("patchtst", "dlinear") else "-")
+                            marker="o", capsize=3, label=model, linestyle=LINE_STYLES.get(model, "-"))
         ax.set(title=f"{dataset.upper()}, L=96", xlabel="horizon H", ylabel="test MSE (scaled)", xticks=list(HORIZONS))
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=8)
@@ -640,7 +642,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--overwrite", action="store_true", help="start a new --out even if it has records")
     parser.add_argument("--summary_only", action="store_true", help="only rebuild the summary and PNG from --out")
     parser.add_argument("--lookback_study", action="store_true",
-                        help="L in {96, 336, 720} for the best variant (on val, at L=96) and patchtst")
+                        help="L in {96, 336, 720} for the best variant (on val, at L=96), patchtst and dlinear")
     parser.add_argument("--datasets", nargs="+", default=list(DATASETS), choices=DATASETS)
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
     parser.add_argument("--horizons", nargs="+", type=int, default=list(HORIZONS))
@@ -689,7 +691,8 @@ def cells_to_run(args: argparse.Namespace, records: list[dict[str, Any]]) -> lis
         if best is None:
             raise SystemExit("the lookback study needs L=96 results of every Titans variant to pick the best on val")
         print(f"lookback study: best variant on validation MSE at L=96 is {best}")
-        models, args.lookbacks = [best, "patchtst"], list(LOOKBACKS)
+        # The linear model too: it is the target's reference, and what a longer window gives it is cheap to learn.
+        models, args.lookbacks = [best, "patchtst", "dlinear"], list(LOOKBACKS)
     others = {json.dumps(r.get("overrides", {}), sort_keys=True) for r in records} - {json.dumps(args.overrides, sort_keys=True)}
     if others:
         raise SystemExit(f"{args.out} holds runs with other overrides ({', '.join(sorted(others))}): "
