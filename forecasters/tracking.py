@@ -103,11 +103,12 @@ def local_store_lock(tracking_uri: str) -> Iterator[None]:
     benchmark workers) then fail with "table ... already exists" or a duplicate experiment.
     """
     prefix = "sqlite:///"
-    path = Path(tracking_uri[len(prefix):]) if tracking_uri.startswith(prefix) else None
-    if path is None or str(path) in ("", ":memory:") or not path.absolute().parent.is_dir():
+    location = tracking_uri[len(prefix):] if tracking_uri.startswith(prefix) else ""
+    folder = Path(location).absolute().parent
+    if location in ("", ":memory:") or not folder.is_dir():
         yield  # a server, another backend, or a folder MLflow will refuse with its own error
         return
-    with folder_lock(path.absolute().parent):
+    with folder_lock(folder):
         yield
 
 

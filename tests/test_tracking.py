@@ -154,21 +154,22 @@ def test_fits_started_at_once_share_a_fresh_sqlite_store(tmp_path: Path) -> None
     assert {r.info.run_id for r in client.search_runs([experiments[0].experiment_id])} == set(outcomes)
 
 
-def test_folder_lock_excludes_a_second_holder(tmp_path: Path) -> None:
+def _lock_without_waiting(folder: Path) -> None:
+    """Take and drop an exclusive flock on ``folder``; BlockingIOError if another holder has it."""
     import fcntl
 
-    with folder_lock(tmp_path):
-        other = os.open(tmp_path, os.O_RDONLY)
-        try:
-            with pytest.raises(BlockingIOError):
-                fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        finally:
-            os.close(other)
-    other = os.open(tmp_path, os.O_RDONLY)  # released on exit
+    handle = os.open(folder, os.O_RDONLY)
     try:
-        fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
     finally:
-        os.close(other)
+        os.close(handle)
+
+
+def test_folder_lock_excludes_a_second_holder(tmp_path: Path) -> None:
+    with folder_lock(tmp_path):
+        with pytest.raises(BlockingIOError):
+            _lock_without_waiting(tmp_path)
+    _lock_without_waiting(tmp_path)  # released on exit
 
 
 # -- a real tracking server --------------------------------------------------------------------------
