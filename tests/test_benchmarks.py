@@ -152,6 +152,19 @@ def test_accuracy_target_verdicts_need_every_horizon():
     assert "- ETTH1, lmm below the linear baseline: not yet known (horizons missing)" in lines
 
 
+def test_accuracy_study_at_a_longer_lookback_only(tmp_path):
+    """A study run at L=336 alone: no L=96 targets to judge, and its plot shows L=336, not empty L=96 panels."""
+    accuracy = load_benchmark("accuracy")
+    records = [{"dataset": "etth1", "model": "mal", "lookback": 336, "horizon": h, "seed": 0, "test_mse": 0.4,
+                "test_mae": 0.4, "best_val_mse": 0.9, "epoch_seconds": 1.0} for h in accuracy.HORIZONS]
+    summary = accuracy.summary_table(records)
+    assert "### ETTH1, L=336" in summary and "Targets" not in summary and "Best Titans variant" not in summary
+    assert accuracy.plotted_lookback(records) == 336
+    assert accuracy.plotted_lookback(records + [{**records[0], "lookback": 96}]) == 96
+    accuracy.plot(records, tmp_path / "study.png")
+    assert (tmp_path / "study.png").exists()
+
+
 def test_accuracy_lookback_study_table_and_plot(tmp_path):
     accuracy = load_benchmark("accuracy")
 
