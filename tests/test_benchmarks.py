@@ -217,6 +217,22 @@ def test_accuracy_config_value_follows_references_at_any_commit():
     assert accuracy.config_value("etth1", "mal", "model.linear_skip") is False
 
 
+def test_accuracy_config_value_agrees_with_the_cli(capsys):
+    """What the harness reads from a shipped config is what `titans-ts fit` runs with."""
+    import yaml
+
+    from forecasters.command import main
+
+    accuracy = load_benchmark("accuracy")
+    for dataset in accuracy.DATASETS:
+        for model in accuracy.MODELS:
+            with pytest.raises(SystemExit):
+                main(["fit", "--config", str(ROOT / "configs" / dataset / f"{model}.yaml"), "--print_config"])
+            printed = yaml.safe_load(capsys.readouterr().out)
+            for key in ("variant", "dim", "lr", "dropout"):
+                assert accuracy.config_value(dataset, model, f"model.{key}") == printed["model"][key], (dataset, model, key)
+
+
 def grid_record(model, horizon, seed, val, overrides=None, dataset="etth1"):
     return {"dataset": dataset, "model": model, "lookback": 96, "horizon": horizon, "seed": seed, "test_mse": val / 2,
             "test_mae": val / 2, "best_val_mse": val, "epoch_seconds": 1.0, "epochs_trained": 4, "git_commit": "abc1234",

@@ -157,6 +157,26 @@ def test_print_config_of_every_shipped_config(capsys: pytest.CaptureFixture[str]
     assert "limit_train_batches: 120" in capsys.readouterr().out
 
 
+#: Settings a dataset's config chose on validation over the shared `configs/model/<model>.yaml`.
+PER_DATASET_SETTINGS = {("etth1", "mac"): {"dim": 32}}
+
+
+def test_a_dataset_config_differs_from_its_shared_model_file_only_where_chosen() -> None:
+    import yaml
+
+    for path in sorted(CONFIGS.glob("*/*.yaml")):
+        model = yaml.safe_load(path.read_text()).get("model") if path.parent.name in DATASETS else None
+        if isinstance(model, str):
+            assert model == f"../model/{path.stem}.yaml", path
+            model = yaml.safe_load((path.parent / model).read_text())
+        if model is None:
+            continue
+        shared = yaml.safe_load((CONFIGS / "model" / f"{path.stem}.yaml").read_text())
+        assert model.keys() == shared.keys(), path  # a copy with a key added or lost would drift
+        chosen = {key: value for key, value in model.items() if shared[key] != value}
+        assert chosen == PER_DATASET_SETTINGS.get((path.parent.name, path.stem), {}), path
+
+
 def test_stacked_configs_and_overrides_reach_the_model(data_dir: Path, tmp_path: Path,
                                                         monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)
