@@ -22,14 +22,16 @@ def test_memory_speed_quick(tmp_path):
     assert {"dim", "chunk", "batch", "T", "ours_ms", "peer_ms", "speedup"} <= set(records[0])
 
     # --summary-only rebuilds the derived fields from the files alone: give the point a peer time
-    # and the ceiling (the speedup were the counted products at the measured rate) follows
+    # and the ceiling (the speedup were the counted products at the measured rate) follows. How the
+    # ceiling compares with the speedup depends on timings (under load the quick pass's rate
+    # measurement can come out below our own rate), so only the relation is checked.
     records[0].update(peer_ms=4 * records[0]["ours_ms"], speedup=4.0)
     out.write_text(json.dumps(records))
     subprocess.run([sys.executable, str(ROOT / "benchmarks" / "memory_speed.py"), "--summary-only", "--out", str(out)],
                    check=True, cwd=ROOT, timeout=120)
     point = json.loads(out.read_text())[0]
     assert point["speedup_ceiling"] == pytest.approx(4.0 / point["frac_of_peak_small"])
-    assert point["speedup_ceiling"] > 4.0 and out.with_suffix(".png").exists()
+    assert point["frac_of_peak_small"] > 0 and out.with_suffix(".png").exists()
 
 
 def test_context_scaling_quick(tmp_path):
