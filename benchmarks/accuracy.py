@@ -498,12 +498,42 @@ def study_comparison(study: list[dict[str, Any]], base: list[dict[str, Any]]) ->
     return lines
 
 
+def referenced_file(node: Any, rel: str) -> str | None:
+    """The repo-relative path a config value refers to (``model: ../model/mal.yaml`` in `rel`), or None."""
+    import posixpath
+
+    if isinstance(node, str) and node.endswith((".yaml", ".yml")):
+        return posixpath.normpath(posixpath.join(posixpath.dirname(rel), node))
+    return None
+
+
+def resolved_config(dataset: str, model: str, read_text: Any = None) -> dict[str, Any]:
+    """The shipped config of a cell as one tree, its file references read in (as `config_value` reads them)."""
+    import yaml
+
+    read_text = read_text or (lambda rel: (ROOT / rel).read_text())
+
+    def resolve(node: Any, rel: str) -> Any:
+        if (target := referenced_file(node, rel)) is not None:
+            return resolve(yaml.safe_load(read_text(target)), target)
+        return {k: resolve(v, rel) for k, v in node.items()} if isinstance(node, dict) else node
+
+    start = f"configs/{dataset}/{model}.yaml"
+    return resolve(yaml.safe_load(read_text(start)), start)
+
+
+def config_differences(a: Any, b: Any, prefix: str = "") -> list[str]:
+    """The dotted keys where two config trees differ."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        return [key for k in sorted(a.keys() | b.keys(), key=str)
+                for key in config_differences(a.get(k), b.get(k), f"{prefix}{k}.")]
+    return [] if a == b else [prefix.rstrip(".")]
+
+
 def config_value(dataset: str, model: str, key: str, read_text: Any = None) -> Any:
     """The value of a dotted `titans-ts fit` key (``model.lr``) in the shipped config of a cell, following the
     config's file references (``model: ../model/mal.yaml``). `read_text(path relative to the repo)` reads the
     files (default: the working tree), so the same lookup works at an old commit."""
-    import posixpath
-
     import yaml
 
     read_text = read_text or (lambda rel: (ROOT / rel).read_text())
@@ -516,9 +546,8 @@ def config_value(dataset: str, model: str, key: str, read_text: Any = None) -> A
                 return module_default(key.split(".")[1], read_text, missing)
             raise KeyError(missing)
         node = node[part]
-        if isinstance(node, str) and node.endswith((".yaml", ".yml")):
-            rel = posixpath.normpath(posixpath.join(posixpath.dirname(rel), node))
-            node = yaml.safe_load(read_text(rel))
+        if (target := referenced_file(node, rel)) is not None:
+            rel, node = target, yaml.safe_load(read_text(target))
     return node
 
 
@@ -588,6 +617,22 @@ def adopt(study_path: Path, out: Path, datasets: list[str], models: list[str]) -
             if shipped != value:
                 raise SystemExit(f"configs/{dataset}/{model}.yaml has {key}={shipped}, the study ran {key}={overrides[key]}: "
                                  f"change the config first, then adopt")
+    # A study run made on other configs than the shipped ones, besides the study's own keys (e.g. before
+    # another choice was adopted for its model), is not a run of the grid.
+    shipped_configs = {pair: resolved_config(*pair) for pair in pairs}
+    ran_on: dict[tuple[str, str, str], dict[str, Any]] = {}
+    for record in study:
+        pair = (record["dataset"], record["model"])
+        if (at := (record["git_commit"], *pair)) not in ran_on:
+            try:
+                ran_on[at] = resolved_config(*pair, git_reader(record["git_commit"]))
+            except KeyError as exc:
+                raise SystemExit(f"cannot read the configs of the study's run {Cell.of(record)}: {exc.args[0]}") from exc
+        differ = [key for key in config_differences(ran_on[at], shipped_configs[pair]) if key not in overrides]
+        if differ:
+            raise SystemExit(f"the study's run {Cell.of(record)} was made on configs that differ from configs/{pair[0]}/"
+                             f"{pair[1]}.yaml in {', '.join(differ)}: move its runs of {pair} out of {study_path} and "
+                             f"run them again with --resume, then adopt")
 
     def run_settings(record: dict[str, Any]) -> dict[str, Any]:
         """The study's keys as a grid run had them: its overrides (an adopted run's `run_with`), else its

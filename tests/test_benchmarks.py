@@ -282,7 +282,7 @@ def test_accuracy_adopt_moves_study_runs_in_and_old_runs_out(tmp_path, monkeypat
     shipped = {"lr": 0.001}
     # the configs: `shipped` in the working tree, 0.001 at every recorded commit
     monkeypatch.setattr(accuracy, "config_value", lambda d, m, key, read_text=None: shipped["lr"] if read_text is None else 0.001)
-    monkeypatch.setattr(accuracy, "git_reader", lambda commit: commit)
+    monkeypatch.setattr(accuracy, "git_reader", lambda commit: lambda rel: (ROOT / rel).read_text())  # no other change
     out, study_path = tmp_path / "accuracy.json", tmp_path / "studies" / "lr_0.0001.json"
     grid = [grid_record("lmm", 96, 0, 0.70), grid_record("lmm", 96, 1, 0.71), grid_record("dlinear", 96, 0, 0.5),
             grid_record("lmm", 96, 0, 0.30, dataset="etth2")]
@@ -314,3 +314,47 @@ def test_accuracy_adopt_moves_study_runs_in_and_old_runs_out(tmp_path, monkeypat
     accuracy.adopt(study_path, out, ["etth1", "etth2"], ["lmm"])  # again: its runs are in, nothing moves
     assert accuracy.load_records(out) == records and accuracy.load_records(retired_path) == retired
     assert (tmp_path / "accuracy_summary.md").exists() and (tmp_path / "studies" / "lr_0.001_summary.md").exists()
+
+
+def test_accuracy_adopt_refuses_study_runs_made_on_other_configs(tmp_path, monkeypatch):
+    """A study run from before another choice was adopted for its model (MAC on ETTh1 ran its skip study at
+    dim 64, then moved to dim 32) is not a run of the grid, whatever the study's own key says."""
+    import pytest
+
+    accuracy = load_benchmark("accuracy")
+    monkeypatch.setattr(accuracy, "config_value", lambda d, m, key, read_text=None: True)  # the configs hold the skip
+
+    def configs_at(commit):  # the shipped configs, but MAC on ETTh1 still at dim 64
+        def read_text(rel):
+            text = (ROOT / rel).read_text()
+            return text.replace("dim: 32", "dim: 64") if rel == "configs/etth1/mac.yaml" else text
+        return read_text
+
+    monkeypatch.setattr(accuracy, "git_reader", configs_at)
+    out, study_path = tmp_path / "accuracy.json", tmp_path / "studies" / "linear_skip_true.json"
+    grid = [grid_record("mac", 96, 0, 0.70), grid_record("mac", 96, 0, 0.30, dataset="etth2")]
+    study = [grid_record("mac", 96, 0, 0.69, {"model.linear_skip": "true"}),
+             grid_record("mac", 96, 1, 0.29, {"model.linear_skip": "true"}, dataset="etth2")]
+    accuracy.save_records(grid, out)
+    accuracy.save_records(study, study_path)
+    with pytest.raises(SystemExit, match=r"run Cell\(dataset='etth1', model='mac', lookback=96, horizon=96, seed=0\) was "
+                                         r"made on configs that differ from configs/etth1/mac.yaml in model.dim: move"):
+        accuracy.adopt(study_path, out, ["etth1"], ["mac"])
+    assert accuracy.load_records(out) == grid  # refused: nothing moved
+    accuracy.adopt(study_path, out, ["etth2"], ["mac"])  # ETTh2's MAC config is as the study ran it
+    assert {(r["dataset"], r["seed"]) for r in accuracy.load_records(out)} == {("etth1", 0), ("etth2", 0), ("etth2", 1)}
+
+
+def test_accuracy_resolved_config_reads_references_in():
+    import yaml
+
+    accuracy = load_benchmark("accuracy")
+
+    def yaml_file(rel):
+        return yaml.safe_load((ROOT / rel).read_text())
+
+    config = accuracy.resolved_config("etth2", "mac")
+    assert config["model"] == yaml_file("configs/model/mac.yaml") and config["data"] == yaml_file("configs/data/etth2.yaml")
+    assert accuracy.config_value("etth1", "mac", "model.dim") == accuracy.resolved_config("etth1", "mac")["model"]["dim"]
+    assert accuracy.config_differences({"a": {"b": 1, "c": 2}, "d": 3}, {"a": {"b": 1, "c": 4}, "e": 3}) == ["a.c", "d", "e"]
+    assert accuracy.config_differences(config, accuracy.resolved_config("etth2", "mac")) == []
