@@ -666,7 +666,8 @@ def adopt(study_path: Path, out: Path, datasets: list[str], models: list[str]) -
     if len(old_values) > 1:
         raise SystemExit(f"the grid's runs of {pairs} were made with different settings {list(old_values)}: "
                          f"adopt per model")
-    old_overrides = {k: str(v) for k, v in next(iter(old_values.values()), {}).items()}
+    # spelled as on the command line (`--set model.linear_skip=false`), which also names the retired file
+    old_overrides = {k: yaml.safe_dump(v).removesuffix("\n...\n") for k, v in next(iter(old_values.values()), {}).items()}
     retired_path = study_path.with_name("_".join(f"{k.split('.')[-1]}_{v}" for k, v in old_overrides.items()) + ".json")
     if retired:
         previous = [r for r in load_records(retired_path) if Cell.of(r) not in {Cell.of(x) for x in retired}]

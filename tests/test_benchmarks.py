@@ -322,7 +322,8 @@ def test_accuracy_adopt_refuses_study_runs_made_on_other_configs(tmp_path, monke
     import pytest
 
     accuracy = load_benchmark("accuracy")
-    monkeypatch.setattr(accuracy, "config_value", lambda d, m, key, read_text=None: True)  # the configs hold the skip
+    # the configs hold the skip; the grid's ETTh2 run was made without it
+    monkeypatch.setattr(accuracy, "config_value", lambda d, m, key, read_text=None: read_text is None or d == "etth1")
 
     def configs_at(commit):  # the shipped configs, but MAC on ETTh1 still at dim 64
         def read_text(rel):
@@ -341,8 +342,10 @@ def test_accuracy_adopt_refuses_study_runs_made_on_other_configs(tmp_path, monke
                                          r"made on configs that differ from configs/etth1/mac.yaml in model.dim: move"):
         accuracy.adopt(study_path, out, ["etth1"], ["mac"])
     assert accuracy.load_records(out) == grid  # refused: nothing moved
-    accuracy.adopt(study_path, out, ["etth2"], ["mac"])  # ETTh2's MAC config is as the study ran it
-    assert {(r["dataset"], r["seed"]) for r in accuracy.load_records(out)} == {("etth1", 0), ("etth2", 0), ("etth2", 1)}
+    retired_path = accuracy.adopt(study_path, out, ["etth2"], ["mac"])  # ETTh2's MAC config is as the study ran it
+    assert {(r["dataset"], r["seed"]) for r in accuracy.load_records(out)} == {("etth1", 0), ("etth2", 1)}
+    assert retired_path.name == "linear_skip_false.json"  # named as the command line spells the old value
+    assert [r["overrides"] for r in accuracy.load_records(retired_path)] == [{"model.linear_skip": "false"}]
 
 
 def test_accuracy_resolved_config_reads_references_in():
