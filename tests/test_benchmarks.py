@@ -319,8 +319,6 @@ def test_accuracy_adopt_moves_study_runs_in_and_old_runs_out(tmp_path, monkeypat
 def test_accuracy_adopt_refuses_study_runs_made_on_other_configs(tmp_path, monkeypatch):
     """A study run from before another choice was adopted for its model (MAC on ETTh1 ran its skip study at
     dim 64, then moved to dim 32) is not a run of the grid, whatever the study's own key says."""
-    import pytest
-
     accuracy = load_benchmark("accuracy")
     # the configs hold the skip; the grid's ETTh2 run was made without it
     monkeypatch.setattr(accuracy, "config_value", lambda d, m, key, read_text=None: read_text is None or d == "etth1")
