@@ -154,6 +154,25 @@ def test_accuracy_target_verdicts_need_every_horizon():
     assert "- ETTH1, lmm below the linear baseline: not yet known (horizons missing)" in lines
 
 
+def test_accuracy_summary_shows_the_validation_margin_and_no_spread_for_one_seed():
+    accuracy = load_benchmark("accuracy")
+
+    def record(model, horizon, seed, val):
+        return {"dataset": "etth1", "model": model, "lookback": 96, "horizon": horizon, "seed": seed, "test_mse": 0.4,
+                "test_mae": 0.5, "best_val_mse": val, "epoch_seconds": 1.0}
+
+    vals = {"mac": 0.9, "mag": 0.6, "mal": 0.7, "lmm": 0.8}
+    records = [record(m, h, 0, v) for h in accuracy.HORIZONS for m, v in vals.items()]
+    records += [record("mal", 96, 1, 0.1)]  # a cell only MAL has run is not compared
+    assert accuracy.variant_validation(records) == ({"mac": 0.9, "mag": 0.6, "mal": 0.7, "lmm": 0.8}, 4)
+    summary = accuracy.summary_table(records)
+    assert ("Best Titans variant on validation MSE at L=96: mag (mean best val MSE over the 4 cells every variant "
+            "finished: mag 0.6000, mal 0.7000, lmm 0.8000, mac 0.9000).") in summary
+    assert "| mac | 0.400 / 0.500 (seed 0) |" in summary  # one seed: no spread shown
+    assert "| mal | 0.400±0.000 / 0.500±0.000 (seeds 0,1) |" in summary
+    assert accuracy.variant_validation(records[:3]) == ({}, 0) and accuracy.best_variant(records[:3]) is None
+
+
 def test_accuracy_study_at_a_longer_lookback_only(tmp_path):
     """A study run at L=336 alone: no L=96 targets to judge, and its plot shows L=336, not empty L=96 panels."""
     accuracy = load_benchmark("accuracy")
