@@ -369,6 +369,7 @@ def test_compile_option_compiles_inside_the_trainer_only(data_dir: Path, tmp_pat
     assert cli.model.hparams.compile is True
     assert cli.model.model._compiled_call_impl is not None
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] > 0  # the network really went through dynamo
+    assert not torch._dynamo.utils.counters["graph_break"]  # as one graph: breaks would recompile piecemeal
     assert all(np.isfinite(v) for v in cli.test_metrics.values())
     # A checkpoint loaded for serving stays eager and forecasts the same.
     loaded = TitansForecastingModule.load_from_checkpoint(cli.best_model_path, map_location="cpu", weights_only=True)
@@ -380,11 +381,12 @@ def test_compile_option_compiles_inside_the_trainer_only(data_dir: Path, tmp_pat
     torch._dynamo.reset()
 
 
-def test_gpu_overlay_sets_bf16_and_compile(capsys: pytest.CaptureFixture[str]) -> None:
+def test_gpu_overlay_sets_the_gpu_and_bf16(capsys: pytest.CaptureFixture[str]) -> None:
     from forecasters.cli import main
 
     with pytest.raises(SystemExit):
         main(["fit", "--config", str(REPO / "configs" / "etth1" / "mac.yaml"), "--config",
               str(REPO / "configs" / "gpu.yaml"), "--print_config"])
     printed = capsys.readouterr().out
-    assert "precision: bf16-mixed" in printed and "compile: true" in printed and "accelerator: gpu" in printed
+    assert "precision: bf16-mixed" in printed and "accelerator: gpu" in printed
+    assert "compile: false" in printed  # opt-in: its gain on a GPU is not measured yet

@@ -309,19 +309,39 @@ def test_torch_compile_matches_eager():
     assert relative_error(y_compiled, y_eager) <= 1e-5
 
 
-def test_compiled_chunks_match_eager_with_gradients():
-    """compile_chunks=True: the same outputs, states and parameter gradients as the eager chunk step.
-    Two full chunks, so one shape is compiled (compiling is the slow part of this test)."""
-    eager = make_memory(2, chunk_size=4, max_grad_norm=0.5)
-    compiled = make_memory(2, chunk_size=4, max_grad_norm=0.5, compile_chunks=True)
-    assert "compile_chunks=True" in repr(compiled)
-    x = torch.randn(BATCH, 8, DIM, dtype=torch.float64)
+@pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "bf16-autocast"])
+def test_torch_compile_traces_the_memory_as_one_graph(autocast):
+    """No graph break: one per chunk (an autograd.Function given the same tensor twice) or at the
+    autocast guard would split a compiled model into pieces that recompile."""
+    memory = make_memory(2, chunk_size=4, dtype=torch.float32)
+
+    def run(x):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            return memory(x)
+
+    explanation = torch._dynamo.explain(run)(torch.randn(BATCH, 12, DIM))  # three chunks
+    assert explanation.graph_break_count == 0, explanation.break_reasons
+    assert explanation.graph_count == 1
+
+
+def eager_and_compiled_chunks(dtype: torch.dtype, device: str | torch.device = "cpu"):
+    """(y, state, parameter gradients) of one memory with eager and one with compiled chunk steps, on
+    the same input (two full chunks), and the compiled memory."""
     results = []
-    for memory in (eager, compiled):
+    for compile_chunks in (False, True):
+        memory = make_memory(2, chunk_size=4, dtype=dtype, max_grad_norm=0.5, compile_chunks=compile_chunks).to(device)
+        x = torch.randn(BATCH, 8, DIM, dtype=dtype, generator=torch.Generator().manual_seed(1)).to(device)
         y, state = memory(x)
         (y.pow(2).sum() + sum(w.sum() for w in (*state.weights, *state.momentum))).backward()
         results.append((y.detach(), state, {n: p.grad for n, p in memory.named_parameters()}))
-    (y_eager, s_eager, g_eager), (y_compiled, s_compiled, g_compiled) = results
+    return results[0], results[1], memory
+
+
+def test_compiled_chunks_match_eager_with_gradients():
+    """compile_chunks=True: the same outputs, states and parameter gradients as the eager chunk step.
+    Two full chunks, so one shape is compiled (compiling is the slow part of this test)."""
+    (y_eager, s_eager, g_eager), (y_compiled, s_compiled, g_compiled), compiled = eager_and_compiled_chunks(torch.float64)
+    assert "compile_chunks=True" in repr(compiled)
     assert relative_error(y_compiled, y_eager) <= 1e-10
     assert_states_close(s_compiled, s_eager, 1e-10)
     for name, grad in g_eager.items():

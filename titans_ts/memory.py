@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import math
 from typing import Callable, NamedTuple
@@ -12,7 +11,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from titans_ts.causal_conv import causal_depthwise_conv
-from titans_ts.memory_ops import MemoryCarry, chunked_memory_update, mlp_forward, naive_memory_update
+from titans_ts.memory_ops import MemoryCarry, autocast_off, chunked_memory_update, mlp_forward, naive_memory_update
 
 
 class MemoryState(NamedTuple):
@@ -215,7 +214,7 @@ class NeuralMemory(nn.Module):
         # on a chunk border the chunk start is the weights: no second copy of an expanded (primed) state
         chunk_start = tuple(_at_least_float32(w.flatten(0, 1)) for w in state.chunk_start) if state.position else weights
         flat = MemoryCarry(weights, momentum, chunk_start, position=state.position)
-        with _autocast_off(x.device.type):
+        with autocast_off(x.device.type):
             y, carry = recurrence(*map(_at_least_float32, (q, k, v)), theta, log_eta, log_keep, flat,
                                   chunk_size=self.chunk_size, max_grad_norm=self.max_grad_norm)
         unflat = (tuple(w.unflatten(0, (batch, self.heads)) for w in ws) for ws in carry[:3])
@@ -237,13 +236,6 @@ class NeuralMemory(nn.Module):
             + (f", recompute_chunks={self.recompute_chunks}" if self.recompute_chunks else "")
             + (", compile_chunks=True" if self.compile_chunks else "")
         )
-
-
-def _autocast_off(device_type: str) -> contextlib.AbstractContextManager:
-    """Autocast disabled on `device_type` (a no-op where autocast does not exist, e.g. meta)."""
-    if torch.amp.is_autocast_available(device_type):
-        return torch.autocast(device_type, enabled=False)
-    return contextlib.nullcontext()
 
 
 def _at_least_float32(t: Tensor) -> Tensor:

@@ -31,6 +31,7 @@ Both take q, k, v of shape [N, T, d] (N = batch * heads), gates of shape [N, T],
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from typing import Any, Callable, NamedTuple, Sequence
 
@@ -53,6 +54,13 @@ class MemoryCarry(NamedTuple):
     momentum: tuple[Tensor, ...]
     chunk_start: tuple[Tensor, ...]
     position: int
+
+
+def autocast_off(device_type: str) -> contextlib.AbstractContextManager:
+    """Autocast disabled on `device_type` (a no-op where autocast does not exist, e.g. meta)."""
+    if torch.amp.is_autocast_available(device_type):
+        return torch.autocast(device_type, enabled=False)
+    return contextlib.nullcontext()
 
 
 def _silu_derivative(z: Tensor) -> Tensor:
@@ -204,7 +212,10 @@ class _ChunkStep(torch.autograd.Function):
     """Read and write one chunk of c tokens, with a hand-written backward.
 
     Inputs: q, k, v [N, c, d]; theta, log_eta, log_keep [N, c]; the gradient-norm bound; whether
-    to run the torch.compile'd forward and backward (`_compiled_kernels`); then per layer the weights W and momentum S before the chunk, then per layer the gradient point W'.
+    to run the torch.compile'd forward and backward (`_compiled_kernels`); whether the gradient
+    point W' is W itself (a chunk on a border); then per layer the weights W and momentum S before
+    the chunk, then, unless shared, per layer W'. (Passing W twice would stop torch.compile, which
+    cannot trace an autograd.Function given the same tensor twice: a graph break per chunk.)
     Outputs: y [N, c, d], then per layer the weights and momentum after the chunk.
 
     Forward, with the gates unrolled by `chunk_gates`, U_l / Z_l / E_l the layer inputs,
@@ -223,11 +234,12 @@ class _ChunkStep(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, q, k, v, theta, log_eta, log_keep, max_grad_norm, compiled, *layers):  # type: ignore[override]
+    def forward(ctx, q, k, v, theta, log_eta, log_keep, max_grad_norm, compiled, shared, *layers):  # type: ignore[override]
+        depth = len(layers) // (2 if shared else 3)
+        layers = layers + layers[:depth] if shared else layers
         forward = _compiled_kernels()[0] if compiled else _chunk_forward
         outputs, saved = forward(q, k, v, theta, log_eta, log_keep, max_grad_norm, *layers)
-        depth = len(layers) // 3
-        ctx.max_grad_norm, ctx.depth, ctx.compiled = max_grad_norm, depth, compiled
+        ctx.max_grad_norm, ctx.depth, ctx.compiled, ctx.device_type = max_grad_norm, depth, compiled, q.device.type
         # an output nobody uses (the state after a training call's last chunk) gets None, not a zero
         # tensor, so that backward skips what would only multiply zeros
         ctx.set_materialize_grads(False)
@@ -240,9 +252,13 @@ class _ChunkStep(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_y, *grad_state):  # type: ignore[override]
         backward = _compiled_kernels()[1] if ctx.compiled else _chunk_backward
-        grads = backward(ctx.depth, ctx.max_grad_norm, ctx.needs_input_grad[0], ctx.shared, ctx.saved_tensors,
-                         grad_y, *grad_state)
-        return (*grads[:6], None, None, *grads[6:])
+        # float32 like the forward: torch.compile traces this backward under the caller's autocast
+        # (bf16-mixed), which would turn some of its products to bf16 and fail on mixed dtypes
+        with autocast_off(ctx.device_type):
+            grads = backward(ctx.depth, ctx.max_grad_norm, ctx.needs_input_grad[0], ctx.shared, ctx.saved_tensors,
+                             grad_y, *grad_state)
+        n_layer_inputs = 2 * ctx.depth if all(ctx.shared) else 3 * ctx.depth
+        return (*grads[:6], None, None, None, *grads[6 : 6 + n_layer_inputs])
 
 
 def _chunk_forward(
@@ -442,8 +458,9 @@ def _chunk_step(
     gradients are taken (the same as `weights` unless the chunk was opened by an earlier call).
     """
     depth = len(weights)
-    y, *state = _ChunkStep.apply(q, k, v, theta, log_eta, log_keep, max_grad_norm, compiled, *weights, *momentum,
-                                 *grad_weights)
+    shared = all(at is w for at, w in zip(grad_weights, weights))
+    y, *state = _ChunkStep.apply(q, k, v, theta, log_eta, log_keep, max_grad_norm, compiled, shared, *weights,
+                                 *momentum, *(() if shared else grad_weights))
     return y, state[:depth], state[depth:]
 
 
@@ -507,7 +524,9 @@ def chunked_memory_update(
         """
         first, body, tail = t.split([head, n_full * chunk_size, length - head - n_full * chunk_size], dim=1)
         body = body.unflatten(1, (n_full, chunk_size)).transpose(0, 1).contiguous()
-        return [first] * bool(head) + list(body.unbind(0)) + [tail] * bool(tail.shape[1])
+        # `if`, not `[first] * bool(head)`: under torch.compile's dynamic shapes bool() of a size is
+        # symbolic, which a list cannot be multiplied by
+        return ([first] if head else []) + list(body.unbind(0)) + ([tail] if tail.shape[1] else [])
 
     # Gates chunk by chunk (inside `_chunk_steps`): batched over all chunks their [c, c] matrices
     # would be large tensors, slow to allocate and to stream through memory; one chunk's stay in cache.
