@@ -3,6 +3,12 @@ and one full-attention block of the same width, for T from 96 to 16,384 tokens.
 
     .venv/bin/python benchmarks/context_scaling.py            # full run, ~10-15 minutes on 2 cores
     .venv/bin/python benchmarks/context_scaling.py --quick --out /tmp/cs.json   # smoke pass, ~20 s
+    python benchmarks/context_scaling.py --device cuda     # on a GPU: results/context_scaling_cuda.json, 175 s on an H200
+
+On CUDA, time is measured between `torch.cuda.synchronize()` calls after one warm-up step, and peak
+memory is `torch.cuda.max_memory_allocated()` over a step minus what was allocated before it (model,
+input). At batch 1 the memory's chunk-by-chunk recurrence is a chain of small kernels, so on a GPU
+its time is bound by kernel launches, linear in the number of chunks.
 
 Each (model, T) point runs in a fresh subprocess (2 threads): time is the median of a few
 forward+backward steps after a warm-up; peak memory is the growth of the process's peak RSS
@@ -21,12 +27,14 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-RESULTS = Path(__file__).resolve().parent / "results"
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
 MODELS = ("mac", "lmm", "attention")
 
 WORKER = r"""
@@ -44,33 +52,50 @@ class AttentionBlock(Block):
     def mix(self, x, state):
         return self.attention(x, x), state          # causal full attention
 
-model, T, dim, heads, chunk, repeats = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]), int(sys.argv[6])
+model, T, dim, heads, chunk, repeats, device = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]), int(sys.argv[6]), sys.argv[7]
+cuda = device == "cuda"
 memory = dict(heads=heads, depth=2, chunk_size=chunk)
 torch.manual_seed(0)
 block = {"mac": lambda: MACBlock(dim, memory, heads=heads, segment_len=128, n_persistent=4),
          "lmm": lambda: LMMBlock(dim, memory),
-         "attention": lambda: AttentionBlock(dim, heads)}[model]()
-x = torch.randn(1, T, dim, requires_grad=True)
+         "attention": lambda: AttentionBlock(dim, heads)}[model]().to(device)
+x = torch.randn(1, T, dim, device=device, requires_grad=True)
 def step():
     y, _ = block(x)
     y.square().mean().backward()
-before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-step()
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    if cuda:
+        torch.cuda.synchronize()
 times = []
-for _ in range(repeats):
+def timed_step():
     t0 = time.perf_counter(); step(); times.append(time.perf_counter() - t0)
-print(json.dumps({"ms": 1000 * statistics.median(times), "peak_mb": (peak - before) / 1024}))
+if cuda:
+    step()  # CUDA's first step loads kernels and fills the caching allocator: a warm-up, not timed
+    block.zero_grad(set_to_none=True); x.grad = None
+    torch.cuda.synchronize(); torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    timed_step()
+    peak_mb = (torch.cuda.max_memory_allocated() - before) / 2**20
+    repeats -= 1
+else:
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    step()
+    peak_mb = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
+for _ in range(repeats):
+    timed_step()
+print(json.dumps({"ms": 1000 * statistics.median(times), "peak_mb": peak_mb}))
 """
 
 
 def run_point(model: str, length: int, args: argparse.Namespace) -> dict:
-    repeats = 1 if args.quick or length >= 8192 else 3
-    cmd = [sys.executable, "-c", WORKER, model, str(length), str(args.dim), str(args.heads), str(args.chunk), str(repeats)]
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout, env={"OMP_NUM_THREADS": "2", "PATH": "/usr/bin:/bin"})
+    repeats = 1 if args.quick or (length >= 8192 and args.device == "cpu") else 3
+    cmd = [sys.executable, "-c", WORKER, model, str(length), str(args.dim), str(args.heads), str(args.chunk), str(repeats),
+           args.device]
+    env = {**os.environ, "OMP_NUM_THREADS": "2", "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])} if args.device == "cuda" else \
+        {"OMP_NUM_THREADS": "2", "PATH": "/usr/bin:/bin"}
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout, env=env)
     if out.returncode != 0:
         raise RuntimeError(f"{model} at T={length} failed:\n{out.stderr[-2000:]}")
-    return {"model": model, "T": length, "dim": args.dim, **json.loads(out.stdout)}
+    return {"model": model, "T": length, "dim": args.dim, "device": args.device, **json.loads(out.stdout)}
 
 
 def fit_exponent(points: list[dict], key: str, min_length: int) -> float | None:
@@ -82,7 +107,15 @@ def fit_exponent(points: list[dict], key: str, min_length: int) -> float | None:
     return sum((x - mx) * (y - my) for x, y in pts) / sum((x - mx) ** 2 for x, _ in pts)
 
 
-def plot(records: list[dict], path: Path) -> None:
+def device_info(device: str) -> dict:
+    """What the figures were measured on: the GPU's name and torch/CUDA versions (empty on CPU)."""
+    if device != "cuda":
+        return {}
+    probe = "import json, torch; print(json.dumps({'gpu': torch.cuda.get_device_name(), 'torch': torch.__version__, 'cuda': torch.version.cuda}))"
+    return json.loads(subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout)
+
+
+def plot(records: list[dict], path: Path, device: str = "cpu") -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -95,6 +128,8 @@ def plot(records: list[dict], path: Path) -> None:
             ax.loglog([p["T"] for p in pts], [max(p[key], 1e-3) for p in pts], "o-", label=model)
     axes[0].set(xlabel="tokens T", ylabel="forward+backward ms", title="time")
     axes[1].set(xlabel="tokens T", ylabel="peak memory growth (MB)", title="memory")
+    if device != "cpu":
+        fig.suptitle(device)
     for ax in axes:
         ax.legend()
         ax.grid(True, which="both", alpha=0.3)
@@ -109,8 +144,11 @@ def main() -> None:
     parser.add_argument("--heads", type=int, default=4)
     parser.add_argument("--chunk", type=int, default=16)
     parser.add_argument("--timeout", type=float, default=600)
-    parser.add_argument("--out", type=Path, default=RESULTS / "context_scaling.json")
+    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    parser.add_argument("--out", type=Path, default=None, help="default: results/context_scaling[_cuda].json")
     args = parser.parse_args()
+    if args.out is None:
+        args.out = RESULTS / ("context_scaling.json" if args.device == "cpu" else "context_scaling_cuda.json")
     lengths = [96, 256] if args.quick else [96, 256, 1024, 2048, 4096, 8192, 16384]
     started = time.time()
     records = []
@@ -127,9 +165,10 @@ def main() -> None:
         print(f"{model:>9}: time ~ T^{fit['ms']:.2f}, memory ~ T^{fit['peak_mb'] or float('nan'):.2f}")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     summary = {"records": records, "exponents": fits, "fit_min_T": min_length, "seconds": round(time.time() - started, 1),
-               "settings": {"dim": args.dim, "heads": args.heads, "chunk": args.chunk, "batch": 1, "threads": 2}}
+               "settings": {"dim": args.dim, "heads": args.heads, "chunk": args.chunk, "batch": 1, "threads": 2,
+                            "device": args.device, **device_info(args.device)}}
     args.out.write_text(json.dumps(summary, indent=2))
-    plot(records, args.out.with_suffix(".png"))
+    plot(records, args.out.with_suffix(".png"), args.device)
     print(f"wrote {args.out} and {args.out.with_suffix('.png')} in {summary['seconds']} s")
 
 

@@ -42,6 +42,19 @@ def test_context_scaling_quick(tmp_path):
     assert out.with_suffix(".png").exists()
 
 
+def test_train_step_quick_times_precisions_side_by_side(tmp_path):
+    out = tmp_path / "train_step.json"
+    run_script("train_step.py", "--modes", "fp32", "bf16", "--batch", "4", "--out", str(out))
+    result = json.loads(out.read_text())
+    assert sorted((r["model"], r["mode"], r["batch"]) for r in result["records"]) == [
+        ("dlinear", "bf16", 4), ("dlinear", "fp32", 4), ("mal", "bf16", 4), ("mal", "fp32", 4)]
+    for row in result["summary"].values():
+        assert row["this_ms"] > 0 and row["this_bf16_ms"] > 0
+        assert row["fp32_over_bf16"] == pytest.approx(row["this_ms"] / row["this_bf16_ms"], rel=0.02)
+    assert all(r["peak_mb"] is None for r in result["records"])  # GPU memory: measured on CUDA only
+    assert result["settings"]["modes"] == ["fp32", "bf16"] and result["settings"]["batch"] == 4
+
+
 def test_train_step_quick_compares_two_checkouts(tmp_path):
     out = tmp_path / "train_step.json"
     run_script("train_step.py", "--compare", str(ROOT), "--out", str(out))  # this checkout against itself
