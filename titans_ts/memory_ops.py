@@ -58,7 +58,9 @@ class MemoryCarry(NamedTuple):
 
 def autocast_off(device_type: str) -> contextlib.AbstractContextManager:
     """Autocast disabled on `device_type` (a no-op where autocast does not exist, e.g. meta)."""
-    if torch.amp.is_autocast_available(device_type):
+    # Under torch.compile the device is a real one, where autocast exists; and torch 2.11's dynamo
+    # cannot trace the availability check itself (a graph break, so a model compiled in pieces).
+    if torch.compiler.is_compiling() or torch.amp.is_autocast_available(device_type):
         return torch.autocast(device_type, enabled=False)
     return contextlib.nullcontext()
 
