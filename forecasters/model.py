@@ -6,6 +6,15 @@ patch_stride; patch_len=1 gives point tokens), a Titans backbone, and a linear h
 (times the number of quantiles when a quantile loss is used). With ``linear_skip`` a linear map from
 the normalised window straight to the H steps (RLinear, Li et al. 2023) is added to the head's
 output, so the backbone learns what a linear forecast misses.
+
+With ``forecast_window`` W < L the memory reads a longer past than the head sees: the first L - W
+values are read into the memory one window of W at a time (each window normalised on its own, the
+states carried from window to window, as the sktime forecaster streams a series), and only the last
+W values are patched for attention and the head. So the head's size is that of a W-value model
+while the memory has read L values. The earlier windows are read without gradient (truncated
+back-propagation, as in stateful RNN training): the network learns to forecast from a memory that has
+read the past, at the cost of a forward pass over it. The memory's learned initial weights, where
+only the first window starts, then get no gradient and stay as initialised.
 """
 
 from __future__ import annotations
@@ -13,7 +22,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from titans_ts.backbone import TitansBackbone, Variant
+from titans_ts.backbone import VARIANTS, TitansBackbone, Variant
 from titans_ts.memory import MemoryState
 
 
@@ -69,24 +78,36 @@ class TitansForecastModel(nn.Module):
         revin: bool = True,
         linear_skip: bool = False,
         n_outputs: int = 1,
+        forecast_window: int | None = None,
     ) -> None:
         super().__init__()
         n_targets = n_channels if n_targets is None else n_targets
+        forecast_window = lookback if forecast_window is None else forecast_window
         for name, value in dict(n_channels=n_channels, lookback=lookback, horizon=horizon, n_targets=n_targets,
-                                patch_len=patch_len, patch_stride=patch_stride, n_outputs=n_outputs).items():
+                                patch_len=patch_len, patch_stride=patch_stride, n_outputs=n_outputs,
+                                forecast_window=forecast_window).items():
             if value < 1:
                 raise ValueError(f"{name} must be >= 1, got {value}")
         if n_targets > n_channels:
             raise ValueError(f"n_targets ({n_targets}) cannot exceed n_channels ({n_channels})")
-        if patch_len > lookback:
-            raise ValueError(f"patch_len ({patch_len}) must not exceed lookback ({lookback}); use a shorter patch")
+        if lookback % forecast_window:
+            raise ValueError(f"lookback ({lookback}) must be a multiple of forecast_window ({forecast_window}): the "
+                             f"memory reads the past in windows of forecast_window values; e.g. lookback="
+                             f"{forecast_window * max(1, lookback // forecast_window)}")
+        if forecast_window < lookback and variant not in VARIANTS:
+            raise ValueError(f"forecast_window < lookback needs a memory to carry the past; variant {variant!r} has "
+                             f"none: use one of {VARIANTS} or forecast_window=None")
+        if patch_len > forecast_window:
+            seen = "lookback" if forecast_window == lookback else "the window the head sees, forecast_window"
+            raise ValueError(f"patch_len ({patch_len}) must not exceed {seen} ({forecast_window}); use a shorter patch")
         self.n_channels, self.lookback, self.horizon, self.n_targets = n_channels, lookback, horizon, n_targets
+        self.forecast_window = forecast_window
         self.patch_len, self.patch_stride = patch_len, patch_stride
         self.channel_independent, self.n_outputs = channel_independent, n_outputs
         # PatchTST-style: pad the end by one stride so the last observations open a patch of their own
         pad = patch_stride if patch_len > 1 else 0
         self.pad = nn.ReplicationPad1d((0, pad)) if pad else nn.Identity()
-        self.n_tokens = (lookback + pad - patch_len) // patch_stride + 1
+        self.n_tokens = (forecast_window + pad - patch_len) // patch_stride + 1
 
         self.revin = RevIN(n_channels) if revin else None
         token_width = patch_len if channel_independent else patch_len * n_channels
@@ -104,7 +125,7 @@ class TitansForecastModel(nn.Module):
         # per channel, weights shared across channels: L values -> H steps (x n_outputs). Zero at the start,
         # so training starts from the plain model: a random init adds noise of about 0.6 (on the normalised
         # scale) to every forecast, which at the variants' lr of 1e-4 takes epochs to unlearn.
-        self.linear_skip = nn.Linear(lookback, horizon * n_outputs) if linear_skip else None
+        self.linear_skip = nn.Linear(forecast_window, horizon * n_outputs) if linear_skip else None
         if self.linear_skip is not None:
             nn.init.zeros_(self.linear_skip.weight)
             nn.init.zeros_(self.linear_skip.bias)
@@ -112,7 +133,8 @@ class TitansForecastModel(nn.Module):
     def forward(self, x: Tensor, states: list[MemoryState] | None = None) -> tuple[Tensor, list[MemoryState]]:
         """x [batch, L, n_channels] -> (forecast [batch, H, n_targets] or [..., n_outputs], memory states).
 
-        With channel independence the memory states have batch * n_channels rows.
+        With channel independence the memory states have batch * n_channels rows. With a
+        ``forecast_window`` shorter than L the memory first reads the earlier windows (no gradient).
         """
         if x.dim() != 3 or x.shape[1:] != (self.lookback, self.n_channels):
             raise ValueError(
@@ -120,15 +142,14 @@ class TitansForecastModel(nn.Module):
                 "pass windows with the lookback and channels the model was built for (the same columns and "
                 "features as at fit)"
             )
+        *past, x = x.split(self.forecast_window, dim=1)
+        if past:
+            with torch.no_grad():
+                for window in past:
+                    states = self._read(window, states)[2]
+            states = [s.detach() for s in states]
+        x, h, states, scale = self._read(x, states)
         batch = x.shape[0]
-        if self.revin is not None:
-            x, mean, std = self.revin.normalize(x)
-        series = x.transpose(1, 2)  # [batch, C, L]
-        if self.channel_independent:
-            series = series.reshape(batch * self.n_channels, 1, self.lookback)
-        patches = self.pad(series).unfold(-1, self.patch_len, self.patch_stride)  # [rows, c, N, P]
-        tokens = patches.permute(0, 2, 1, 3).flatten(2)  # [rows, N, c * P]
-        h, states = self.backbone(self.embed(tokens) + self.position, states)
         out = self.head(h)
         if self.channel_independent:
             out = out.view(batch, self.n_channels, self.horizon, self.n_outputs).transpose(1, 2)
@@ -139,5 +160,21 @@ class TitansForecastModel(nn.Module):
             out = out + skip.view(batch, self.n_channels, self.horizon, self.n_outputs).transpose(1, 2)
         out = out[:, :, -self.n_targets :]  # [batch, H, targets, outputs]; targets are the last channels
         if self.revin is not None:
-            out = self.revin.denormalize(out, mean, std, slice(self.n_channels - self.n_targets, None))
+            out = self.revin.denormalize(out, *scale, slice(self.n_channels - self.n_targets, None))
         return (out.squeeze(-1) if self.n_outputs == 1 else out), states
+
+    def _read(self, x: Tensor, states: list[MemoryState] | None) -> tuple[Tensor, Tensor, list[MemoryState], tuple]:
+        """One window [batch, W, C] through RevIN, patching and the backbone from `states`.
+
+        Returns (the normalised window, the backbone's tokens, the new states, RevIN's (mean, std)).
+        """
+        scale: tuple = ()
+        if self.revin is not None:
+            x, *scale = self.revin.normalize(x)
+        series = x.transpose(1, 2)  # [batch, C, W]
+        if self.channel_independent:
+            series = series.reshape(x.shape[0] * self.n_channels, 1, self.forecast_window)
+        patches = self.pad(series).unfold(-1, self.patch_len, self.patch_stride)  # [rows, c, N, P]
+        tokens = patches.permute(0, 2, 1, 3).flatten(2)  # [rows, N, c * P]
+        h, states = self.backbone(self.embed(tokens) + self.position, states)
+        return x, h, states, tuple(scale)

@@ -41,6 +41,11 @@ class TitansForecastingModule(pl.LightningModule):
     memory's fast-weight recurrence stays in float32 under it. ``recompute_chunks`` lowers the
     memory's training footprint on long token sequences, and ``compile_chunks`` compiles the memory's
     chunk step alone (fused kernels, a compile of about 10 s; see :class:`titans_ts.NeuralMemory`).
+
+    ``forecast_window`` W (a divisor of ``lookback``; Titans variants only) lets the memory read all L
+    values while attention and the head see the last W: e.g. ``--data.lookback 384
+    --model.forecast_window 96`` reads three windows of 96 into the memory before the one forecast
+    from (see :class:`forecasters.model.TitansForecastModel`).
     """
 
     def __init__(
@@ -69,6 +74,7 @@ class TitansForecastingModule(pl.LightningModule):
         channel_independent: bool = True,
         revin: bool = True,
         linear_skip: bool = False,
+        forecast_window: int | None = None,
         moving_avg: int = 25,
         loss: LossName = "mse",
         quantiles: tuple[float, ...] = (0.1, 0.5, 0.9),
@@ -87,7 +93,7 @@ class TitansForecastingModule(pl.LightningModule):
             recompute_chunks=recompute_chunks, compile_chunks=compile_chunks,
             window=window, segment_len=segment_len, n_persistent=n_persistent, ff_mult=ff_mult, dropout=dropout,
             patch_len=patch_len, patch_stride=patch_stride, channel_independent=channel_independent, revin=revin,
-            linear_skip=linear_skip, n_outputs=len(quantiles) if loss == "quantile" else 1,
+            linear_skip=linear_skip, forecast_window=forecast_window, n_outputs=len(quantiles) if loss == "quantile" else 1,
         )
         self.register_buffer("quantile_levels", torch.tensor(sorted(quantiles)) if loss == "quantile" else torch.zeros(0))
         self.register_buffer("target_mean", torch.zeros(n_targets))

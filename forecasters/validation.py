@@ -17,6 +17,7 @@ import numpy as np
 
 from datamodules.base import check_int
 from forecasters.baselines import MODEL_NAMES
+from titans_ts.backbone import VARIANTS
 
 __all__ = ["check_checkpoint_fits", "check_float", "check_int", "validate_hparams", "ARCHITECTURE_HPARAMS"]
 
@@ -36,7 +37,11 @@ _INTS: dict[str, tuple[int, str]] = {
     "patch_len": (1, "values per token; e.g. 16 (1 = one token per time point)"),
     "patch_stride": (1, "the step between patches; e.g. 8"),
     "recompute_chunks": (1, "memory chunks per gradient-checkpointing group; e.g. 8 (None = keep every state)"),
+    "forecast_window": (1, "the values the head sees, a divisor of lookback; e.g. 96 (None = all of lookback)"),
 }
+
+#: Integer hyperparameters for which None means "off" or "the default".
+_OPTIONAL_INTS = ("recompute_chunks", "forecast_window")
 
 #: Float hyperparameters: (lowest, highest, whether the bounds are allowed, what it is and a sensible value).
 _FLOATS: dict[str, tuple[float, float, tuple[bool, bool], str]] = {
@@ -62,6 +67,7 @@ _BOOLS: dict[str, str] = {
 ARCHITECTURE_HPARAMS: tuple[str, ...] = (
     "n_channels", "lookback", "horizon", "n_targets", "variant", "dim", "n_layers", "heads", "memory_depth",
     "n_persistent", "ff_mult", "patch_len", "patch_stride", "channel_independent", "revin", "linear_skip", "loss", "quantiles",
+    "forecast_window",
 )
 
 
@@ -90,7 +96,7 @@ def validate_hparams(hparams: Mapping[str, Any]) -> None:
     Raises ValueError naming the argument, the bad value and what to use instead.
     """
     for name, (minimum, hint) in _INTS.items():
-        if name in hparams and not (name == "recompute_chunks" and hparams[name] is None):
+        if name in hparams and not (name in _OPTIONAL_INTS and hparams[name] is None):
             check_int(name, hparams[name], minimum, hint)
     for name, (low, high, closed, hint) in _FLOATS.items():
         if name in hparams and not (name == "max_grad_norm" and hparams[name] is None):
@@ -122,10 +128,21 @@ def _check_relations(hparams: Mapping[str, Any]) -> None:
     if dim is not None and heads is not None and dim % heads:
         raise ValueError(f"dim ({dim}) must be a multiple of heads ({heads}); e.g. dim={heads * max(1, dim // heads)} "
                          f"or heads={math.gcd(dim, heads)}")
-    patch_len, lookback = hparams.get("patch_len"), hparams.get("lookback")
-    if patch_len is not None and lookback is not None and patch_len > lookback:
-        raise ValueError(f"patch_len ({patch_len}) must not exceed lookback ({lookback}); use a shorter patch "
-                         "or a longer lookback")
+    patch_len, lookback, window = hparams.get("patch_len"), hparams.get("lookback"), hparams.get("forecast_window")
+    if window is not None:
+        variant = hparams.get("variant", "mac")
+        if variant not in VARIANTS:
+            raise ValueError(f"forecast_window is for the Titans variants {VARIANTS}, whose memory reads the "
+                             f"earlier windows; {variant!r} has no memory: leave forecast_window=None")
+        if lookback is not None and lookback % window:
+            raise ValueError(f"lookback ({lookback}) must be a multiple of forecast_window ({window}): the memory "
+                             f"reads the past in windows of forecast_window values; e.g. lookback="
+                             f"{window * max(1, lookback // window)}")
+    seen = window if window is not None else lookback
+    if patch_len is not None and seen is not None and patch_len > seen:
+        what = "forecast_window" if window is not None else "lookback"
+        raise ValueError(f"patch_len ({patch_len}) must not exceed {what} ({seen}); use a shorter patch "
+                         f"or a longer {what}")
     n_targets, n_channels = hparams.get("n_targets"), hparams.get("n_channels")
     if n_targets is not None:
         check_int("n_targets", n_targets, 1, "the number of forecast channels (the last ones of the input)")

@@ -88,6 +88,9 @@ def test_revin_is_reversible_and_scale_equivariant():
         (dict(horizon=0), "horizon must be >= 1"),
         (dict(n_targets=5), "cannot exceed n_channels"),
         (dict(patch_len=32), "must not exceed lookback"),
+        (dict(forecast_window=6), "lookback \\(16\\) must be a multiple of forecast_window \\(6\\)"),
+        (dict(forecast_window=8, patch_len=12), "must not exceed the window the head sees, forecast_window"),
+        (dict(forecast_window=8, variant="transformer"), "needs a memory to carry the past"),
     ],
 )
 def test_bad_model_arguments(kwargs, message):
@@ -109,6 +112,11 @@ def test_wrong_window_shape_is_named():
         (dict(lr=-1.0), "lr must be positive"),
         (dict(recompute_chunks=0), "recompute_chunks must be an integer >= 1"),
         (dict(linear_skip="false"), "linear_skip must be True or False"),
+        (dict(lookback=96, forecast_window=40), "lookback \\(96\\) must be a multiple of forecast_window"),
+        (dict(variant="dlinear", forecast_window=48), "leave forecast_window=None"),
+        (dict(variant="patchtst", forecast_window=48), "'patchtst' has no memory"),
+        (dict(forecast_window=0), "forecast_window must be an integer >= 1"),
+        (dict(forecast_window=8, patch_len=16), "must not exceed forecast_window"),
     ],
 )
 def test_bad_module_arguments(kwargs, message):
@@ -211,3 +219,52 @@ def test_compile_chunks_reaches_every_memory(variant):
     memories = [m for m in module.modules() if type(m).__name__ == "NeuralMemory"]
     assert memories and all(m.compile_chunks for m in memories)
     assert not any(m.compile_chunks for m in make_module(variant=variant).modules() if type(m).__name__ == "NeuralMemory")
+
+
+@pytest.mark.parametrize("variant", ["mac", "mag", "mal", "lmm"])
+@pytest.mark.parametrize("layout", [dict(), dict(channel_independent=False, linear_skip=True)],
+                         ids=["channel-independent", "channel-mixing-skip"])
+def test_forecast_window_reads_the_earlier_windows_into_the_memory_first(variant, layout):
+    """A long window with forecast_window W equals a W-window model (same weights) streamed over the
+    earlier windows, states carried, then forecasting from the last: the reference, window by window."""
+    torch.manual_seed(0)
+    settings = dict(patch_len=4, patch_stride=4, **SMALL, **layout)
+    long = TitansForecastModel(3, lookback=36, horizon=5, variant=variant, forecast_window=12, **settings).eval()
+    short = TitansForecastModel(3, lookback=12, horizon=5, variant=variant, **settings).eval()
+    short.load_state_dict(long.state_dict())  # the same weights: W fixes every shape
+    x = torch.randn(4, 36, 3) * 2 + 1
+    with torch.no_grad():
+        out, states = long(x)
+        reference = None
+        for start in (0, 12, 24):
+            expected, reference = short(x[:, start : start + 12], reference)
+        assert not torch.allclose(out, short(x[:, 24:])[0])  # the earlier windows matter
+    torch.testing.assert_close(out, expected)
+    for state, ref in zip(states, reference):
+        torch.testing.assert_close(state.weights, ref.weights)
+    # training: the earlier windows are read without gradient, so only the last window's values get one,
+    # and the memory's initial weights (used at the stream's start only) get none; every other weight does
+    long.train()
+    x.requires_grad_(True)
+    long(x)[0].sum().backward()
+    assert (x.grad[:, :24] == 0).all() and (x.grad[:, 24:] != 0).any()
+    no_grad = {name for name, p in long.named_parameters() if p.grad is None}
+    assert no_grad == {name for name, _ in long.named_parameters() if ".memory.initial_weights." in name}
+
+
+def test_forecast_window_trains_in_the_module_and_loads_from_its_checkpoint(tmp_path):
+    pl.seed_everything(0)
+    module = TitansForecastingModule(n_channels=2, lookback=32, horizon=4, patch_len=4, patch_stride=4, lr=3e-3,
+                                     forecast_window=16, variant="lmm", **{k: v for k, v in SMALL.items()})
+    trainer = pl.Trainer(max_epochs=2, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False)
+    loader = synthetic_loader(lookback=32)
+    trainer.fit(module, loader, loader)
+    assert module.model.head[-1].in_features == module.model.n_tokens * 16  # the head of a 16-value window
+    path = tmp_path / "model.ckpt"
+    trainer.save_checkpoint(path)
+    loaded = TitansForecastingModule.load_from_checkpoint(path, map_location="cpu", weights_only=True)
+    x = next(iter(loader))[0]
+    module.eval(), loaded.eval()
+    with torch.no_grad():
+        assert torch.equal(module(x), loaded(x))
