@@ -58,7 +58,7 @@ import statistics
 import sys
 import time
 from collections import defaultdict
-from dataclasses import asdict, astuple, dataclass
+from dataclasses import asdict, astuple, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -482,13 +482,22 @@ def write_outputs(records: list[dict[str, Any]], out: Path, baseline: list[Path]
 
 
 # --- studies: compare on validation, adopt ------------------------------------------------------
+def base_cell(record: dict[str, Any]) -> Cell:
+    """The baseline cell a study run is compared with: its own, except that a run whose memory reads a
+    longer past than its head sees (``model.forecast_window`` W) is compared with the plain run at L=W,
+    the model with the same head and attention window."""
+    cell = Cell.of(record)
+    window = record.get("overrides", {}).get("model.forecast_window")
+    return replace(cell, lookback=int(window)) if window not in (None, "null") else cell
+
+
 def study_comparison(study: list[dict[str, Any]], base: list[dict[str, Any]]) -> list[str]:
     """Markdown: a study's runs beside the same cells of `base` (validation first: that is what decides),
     and per model how often and by how much validation favours the study's settings."""
     runs = {r.get("mlflow_run_id") for r in study} - {None}
     base_by_cell = {Cell.of(r): r for r in base if r.get("mlflow_run_id") not in runs}  # not a study run adopted there
-    pairs = [(base_by_cell[Cell.of(r)], r) for r in sorted(study, key=lambda r: astuple(Cell.of(r)))
-             if Cell.of(r) in base_by_cell]
+    pairs = [(base_by_cell[base_cell(r)], r) for r in sorted(study, key=lambda r: astuple(Cell.of(r)))
+             if base_cell(r) in base_by_cell]
     if not pairs:
         return ["No cell of this study is in the baseline file yet."]
     settings = ", ".join(f"{k}={v}" for k, v in study[0].get("overrides", {}).items()) or "the shipped configs"

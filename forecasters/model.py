@@ -11,10 +11,12 @@ With ``forecast_window`` W < L the memory reads a longer past than the head sees
 values are read into the memory one window of W at a time (each window normalised on its own, the
 states carried from window to window, as the sktime forecaster streams a series), and only the last
 W values are patched for attention and the head. So the head's size is that of a W-value model
-while the memory has read L values. The earlier windows are read without gradient (truncated
-back-propagation, as in stateful RNN training): the network learns to forecast from a memory that has
-read the past, at the cost of a forward pass over it. The memory's learned initial weights, where
-only the first window starts, then get no gradient and stay as initialised.
+while the memory has read L values. By default the earlier windows are read without gradient
+(truncated back-propagation, as in stateful RNN training): the network learns to forecast from a
+memory that has read the past, at the cost of a forward pass over it; the memory's learned initial
+weights, where only the first window starts, then get no gradient and stay as initialised. With
+``past_gradient`` the gradient flows back through the earlier windows too, so the memory also learns
+what to write for later windows, at the cost of their backward pass.
 """
 
 from __future__ import annotations
@@ -79,6 +81,7 @@ class TitansForecastModel(nn.Module):
         linear_skip: bool = False,
         n_outputs: int = 1,
         forecast_window: int | None = None,
+        past_gradient: bool = False,
     ) -> None:
         super().__init__()
         n_targets = n_channels if n_targets is None else n_targets
@@ -101,7 +104,7 @@ class TitansForecastModel(nn.Module):
             seen = "lookback" if forecast_window == lookback else "the window the head sees, forecast_window"
             raise ValueError(f"patch_len ({patch_len}) must not exceed {seen} ({forecast_window}); use a shorter patch")
         self.n_channels, self.lookback, self.horizon, self.n_targets = n_channels, lookback, horizon, n_targets
-        self.forecast_window = forecast_window
+        self.forecast_window, self.past_gradient = forecast_window, past_gradient
         self.patch_len, self.patch_stride = patch_len, patch_stride
         self.channel_independent, self.n_outputs = channel_independent, n_outputs
         # PatchTST-style: pad the end by one stride so the last observations open a patch of their own
@@ -134,7 +137,8 @@ class TitansForecastModel(nn.Module):
         """x [batch, L, n_channels] -> (forecast [batch, H, n_targets] or [..., n_outputs], memory states).
 
         With channel independence the memory states have batch * n_channels rows. With a
-        ``forecast_window`` shorter than L the memory first reads the earlier windows (no gradient).
+        ``forecast_window`` shorter than L the memory first reads the earlier windows (with gradient
+        only if ``past_gradient``).
         """
         if x.dim() != 3 or x.shape[1:] != (self.lookback, self.n_channels):
             raise ValueError(
@@ -144,10 +148,11 @@ class TitansForecastModel(nn.Module):
             )
         *past, x = x.split(self.forecast_window, dim=1)
         if past:
-            with torch.no_grad():
+            with torch.set_grad_enabled(self.past_gradient and torch.is_grad_enabled()):
                 for window in past:
                     states = self._read(window, states)[2]
-            states = [s.detach() for s in states]
+            if not self.past_gradient:
+                states = [s.detach() for s in states]
         x, h, states, scale = self._read(x, states)
         batch = x.shape[0]
         out = self.head(h)

@@ -45,7 +45,7 @@ class TitansForecastingModule(pl.LightningModule):
     ``forecast_window`` W (a divisor of ``lookback``; Titans variants only) lets the memory read all L
     values while attention and the head see the last W: e.g. ``--data.lookback 384
     --model.forecast_window 96`` reads three windows of 96 into the memory before the one forecast
-    from (see :class:`forecasters.model.TitansForecastModel`).
+    from (see :class:`forecasters.model.TitansForecastModel`), without gradient unless ``past_gradient``.
     """
 
     def __init__(
@@ -75,6 +75,7 @@ class TitansForecastingModule(pl.LightningModule):
         revin: bool = True,
         linear_skip: bool = False,
         forecast_window: int | None = None,
+        past_gradient: bool = False,
         moving_avg: int = 25,
         loss: LossName = "mse",
         quantiles: tuple[float, ...] = (0.1, 0.5, 0.9),
@@ -93,7 +94,8 @@ class TitansForecastingModule(pl.LightningModule):
             recompute_chunks=recompute_chunks, compile_chunks=compile_chunks,
             window=window, segment_len=segment_len, n_persistent=n_persistent, ff_mult=ff_mult, dropout=dropout,
             patch_len=patch_len, patch_stride=patch_stride, channel_independent=channel_independent, revin=revin,
-            linear_skip=linear_skip, forecast_window=forecast_window, n_outputs=len(quantiles) if loss == "quantile" else 1,
+            linear_skip=linear_skip, forecast_window=forecast_window,
+            past_gradient=past_gradient, n_outputs=len(quantiles) if loss == "quantile" else 1,
         )
         self.register_buffer("quantile_levels", torch.tensor(sorted(quantiles)) if loss == "quantile" else torch.zeros(0))
         self.register_buffer("target_mean", torch.zeros(n_targets))

@@ -61,6 +61,7 @@ _BOOLS: dict[str, str] = {
     "cosine_schedule": "cosine-anneal the learning rate",
     "compile": "run the network through torch.compile",
     "compile_chunks": "compile the memory's chunk step",
+    "past_gradient": "back-propagate through the windows read before the forecast window",
 }
 
 #: Hyperparameters that fix the weights' shapes: a checkpoint only loads into a module with the same values.

@@ -308,6 +308,15 @@ def test_accuracy_study_comparison_puts_validation_first():
         line for line in lines]  # compared with the old runs, never with themselves
 
 
+def test_accuracy_study_with_a_forecast_window_is_compared_with_the_plain_model_of_that_window():
+    accuracy = load_benchmark("accuracy")
+    study = [{**grid_record("mal", 96, 0, 0.68, {"model.forecast_window": "96"}), "lookback": 384}]
+    base = [grid_record("mal", 96, 0, 0.70), {**grid_record("mal", 96, 0, 0.75), "lookback": 336}]
+    lines = accuracy.study_comparison(study, base)
+    assert "| etth1 | mal | 384 | 96 | 0 | 0.7000 | **0.6800** | 0.350 / 0.350 | 0.340 / 0.340 | 4, 4 |" in lines
+    assert accuracy.base_cell(grid_record("mal", 96, 0, 0.7, {"model.lr": "0.0001"})) == accuracy.Cell("etth1", "mal", 96, 96, 0)
+
+
 def test_accuracy_adopt_moves_study_runs_in_and_old_runs_out(tmp_path, monkeypatch, capsys):
     import pytest
 

@@ -112,6 +112,7 @@ def test_wrong_window_shape_is_named():
         (dict(lr=-1.0), "lr must be positive"),
         (dict(recompute_chunks=0), "recompute_chunks must be an integer >= 1"),
         (dict(linear_skip="false"), "linear_skip must be True or False"),
+        (dict(past_gradient=1), "past_gradient must be True or False"),
         (dict(lookback=96, forecast_window=40), "lookback \\(96\\) must be a multiple of forecast_window"),
         (dict(variant="dlinear", forecast_window=48), "leave forecast_window=None"),
         (dict(variant="patchtst", forecast_window=48), "'patchtst' has no memory"),
@@ -250,6 +251,14 @@ def test_forecast_window_reads_the_earlier_windows_into_the_memory_first(variant
     assert (x.grad[:, :24] == 0).all() and (x.grad[:, 24:] != 0).any()
     no_grad = {name for name, p in long.named_parameters() if p.grad is None}
     assert no_grad == {name for name, _ in long.named_parameters() if ".memory.initial_weights." in name}
+    # past_gradient: the same forecast, and the gradient now reaches the earlier windows and every weight
+    long.past_gradient = True
+    long.zero_grad()
+    x.grad = None
+    out_through = long.eval()(x)[0]
+    torch.testing.assert_close(out_through, out)
+    long.train()(x)[0].sum().backward()
+    assert (x.grad[:, :12] != 0).any() and all(p.grad is not None for p in long.parameters())
 
 
 def test_forecast_window_trains_in_the_module_and_loads_from_its_checkpoint(tmp_path):

@@ -241,6 +241,19 @@ def test_carried_memory_changes_the_forecast() -> None:
     assert diff > 1e-4, "the streamed memory state does not change the forecast"
 
 
+def test_forecast_window_through_model_kwargs_fits_streams_and_forecasts() -> None:
+    """lookback 24 read by the memory in windows of 8, the head seeing the last 8: fit, predict, update."""
+    y = sine(200)
+    f = small(max_epochs=1, model_kwargs={"forecast_window": 8}).fit(y, fh=FH)
+    assert f.network_.model.forecast_window == 8 and f.network_.model.linear_skip is None
+    before = f.predict()
+    f.update(sine(40, level=5.0, start=str(y.index[-1] + pd.Timedelta(hours=1)), seed=7), update_params=False)
+    after = f.predict()
+    assert np.isfinite(after.to_numpy()).all() and after.mean() - before.mean() > 3
+    with pytest.raises(ValueError, match="must be a multiple of forecast_window"):
+        small(model_kwargs={"forecast_window": 7}).fit(y, fh=FH)
+
+
 def test_update_in_pieces_equals_update_at_once_and_ignores_seen_points(fitted) -> None:
     f0, y = fitted
     new = sine(100, start=str(y.index[-1] + pd.Timedelta(hours=1)), seed=4)
