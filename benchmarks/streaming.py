@@ -4,6 +4,8 @@ each window (same trained model), on the ETTh1 and ETTh2 test splits.
 
     .venv/bin/python benchmarks/streaming.py                 # full run: 5.4 min (load 2); 31 min on a loaded machine
     .venv/bin/python benchmarks/streaming.py --quick --out /tmp/st.json   # smoke pass, ~20 s
+    .venv/bin/python benchmarks/streaming.py --lookback 384 --forecast_window 96 --stream_length 10000 \
+        --out benchmarks/results/streaming_forecast_window.json    # trained on carried states: 3 windows read first
 
 The product's streaming path is :class:`TitansForecaster`: ``update(y_new, update_params=False)``
 appends observations and advances the memory states over every newly completed window of
@@ -79,7 +81,8 @@ def fit_forecaster(series: np.ndarray, val_start: int, test_start: int, args: ar
     fit_from = max(0, test_start - args.fit_rows) if args.fit_rows else 0
     forecaster = TitansForecaster(
         variant=args.variant, lookback=args.lookback, dim=args.dim, n_layers=args.n_layers, heads=args.heads,
-        chunk_size=args.chunk_size, model_kwargs={"segment_len": args.segment_len}, max_epochs=args.max_epochs,
+        chunk_size=args.chunk_size, max_epochs=args.max_epochs,
+        model_kwargs={"segment_len": args.segment_len, "forecast_window": args.forecast_window},
         validation_size=args.val_rows or test_start - val_start, random_state=0,
     )
     return forecaster.fit(frame(series[fit_from:test_start], fit_from), fh=list(range(1, args.horizon + 1)))
@@ -192,6 +195,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--chunk_size", type=int, default=4)
     parser.add_argument("--segment_len", type=int, default=4)
     parser.add_argument("--max_epochs", type=int, default=4)
+    parser.add_argument("--forecast_window", type=int, default=None,
+                        help="train the memory on a longer past than the head sees: --lookback 384 --forecast_window 96 "
+                             "reads 3 windows into the memory before the one forecast from (default: off)")
     parser.add_argument("--fit_rows", type=int, default=0, help="fit on only the last rows before test (0: all)")
     parser.add_argument("--val_rows", type=int, default=0, help="validate on only the last rows of val (0: all)")
     parser.add_argument("--stream_length", type=int, default=100_000)
