@@ -190,7 +190,9 @@ def test_hierarchical_predict_update_and_quantiles() -> None:
     f.update(new.to_frame("v"), update_params=False)
     after = f.predict()
     assert [t for (_, s, t) in after.index if s == "s1"] == [124, 125, 126]
-    pd.testing.assert_frame_equal(after.loc[("A", "s0")], before.loc[("A", "s0")])
+    # s0 now runs in a batch of two instances, not three: float32 products may round differently there
+    # (seen here at 1e-6 on a value of 0.066), while a moved memory would shift the forecast by far more
+    pd.testing.assert_frame_equal(after.loc[("A", "s0")], before.loc[("A", "s0")], atol=1e-5)
     assert after.loc[("A", "s1"), "v"].mean() > 20
     more, unseen = new.copy(), new.copy()
     more.index = pd.MultiIndex.from_tuples([("A", "s1", t + 24) for (_, _, t) in new.index], names=new.index.names)
