@@ -109,7 +109,8 @@ class TitansForecaster(BaseForecaster):
         extrapolated beyond them); quantiles are sorted, so they never cross.
     model_kwargs : dict or None, default=None
         Further arguments of ``TitansForecastingModule`` (e.g. ``window``, ``segment_len``,
-        ``n_persistent``, ``max_lr``, ``revin``, ``linear_skip``, ``cosine_schedule``).
+        ``n_persistent``, ``max_lr``, ``revin``, ``linear_skip``, ``cosine_schedule``; ``forecast_window``
+        to let the memory read all ``lookback`` values while the head sees the last ones).
     max_epochs : int, default=20
         Maximum training epochs.
     batch_size : int, default=32

@@ -264,12 +264,13 @@ def test_forecast_window_reads_the_earlier_windows_into_the_memory_first(variant
 def test_forecast_window_trains_in_the_module_and_loads_from_its_checkpoint(tmp_path):
     pl.seed_everything(0)
     module = TitansForecastingModule(n_channels=2, lookback=32, horizon=4, patch_len=4, patch_stride=4, lr=3e-3,
-                                     forecast_window=16, variant="lmm", **{k: v for k, v in SMALL.items()})
+                                     forecast_window=16, variant="lmm", **SMALL)
     trainer = pl.Trainer(max_epochs=2, logger=False, enable_checkpointing=False, enable_progress_bar=False,
                          enable_model_summary=False)
     loader = synthetic_loader(lookback=32)
     trainer.fit(module, loader, loader)
-    assert module.model.head[-1].in_features == module.model.n_tokens * 16  # the head of a 16-value window
+    # the head's tokens are those of a 16-value window in patches of 4 (padded by one stride): 5, not 9 of 32
+    assert module.model.n_tokens == 5 and module.model.head[-1].in_features == 5 * SMALL["dim"]
     path = tmp_path / "model.ckpt"
     trainer.save_checkpoint(path)
     loaded = TitansForecastingModule.load_from_checkpoint(path, map_location="cpu", weights_only=True)
