@@ -69,6 +69,7 @@ class TitansForecastModel(nn.Module):
         max_grad_norm: float | None = 1.0,
         recompute_chunks: int | None = None,
         compile_chunks: bool = False,
+        forget_bias: float = -6.0,
         window: int = 32,
         segment_len: int = 32,
         n_persistent: int = 4,
@@ -120,7 +121,7 @@ class TitansForecastModel(nn.Module):
         self.backbone = TitansBackbone(
             variant, dim=dim, n_layers=n_layers, heads=heads, memory_depth=memory_depth, chunk_size=chunk_size,
             max_lr=max_lr, max_grad_norm=max_grad_norm, recompute_chunks=recompute_chunks, compile_chunks=compile_chunks,
-            window=window, segment_len=segment_len,
+            forget_bias=forget_bias, window=window, segment_len=segment_len,
             n_persistent=n_persistent, ff_mult=ff_mult, dropout=dropout,
         )
         self.head = nn.Sequential(nn.Flatten(-2), nn.Dropout(dropout),

@@ -64,6 +64,7 @@ class TitansForecastingModule(pl.LightningModule):
         max_grad_norm: float | None = 1.0,
         recompute_chunks: int | None = None,
         compile_chunks: bool = False,
+        forget_bias: float = -6.0,
         window: int = 32,
         segment_len: int = 32,
         n_persistent: int = 4,
@@ -91,7 +92,7 @@ class TitansForecastingModule(pl.LightningModule):
         self.model = build_forecast_model(
             variant, n_channels, lookback, horizon, n_targets, moving_avg=moving_avg, dim=dim, n_layers=n_layers, heads=heads,
             memory_depth=memory_depth, chunk_size=chunk_size, max_lr=max_lr, max_grad_norm=max_grad_norm,
-            recompute_chunks=recompute_chunks, compile_chunks=compile_chunks,
+            recompute_chunks=recompute_chunks, compile_chunks=compile_chunks, forget_bias=forget_bias,
             window=window, segment_len=segment_len, n_persistent=n_persistent, ff_mult=ff_mult, dropout=dropout,
             patch_len=patch_len, patch_stride=patch_stride, channel_independent=channel_independent, revin=revin,
             linear_skip=linear_skip, forecast_window=forecast_window,

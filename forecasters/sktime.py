@@ -110,7 +110,8 @@ class TitansForecaster(BaseForecaster):
     model_kwargs : dict or None, default=None
         Further arguments of ``TitansForecastingModule`` (e.g. ``window``, ``segment_len``,
         ``n_persistent``, ``max_lr``, ``revin``, ``linear_skip``, ``cosine_schedule``; ``forecast_window``
-        to let the memory read all ``lookback`` values while the head sees the last ones).
+        to let the memory read all ``lookback`` values while the head sees the last ones; ``forget_bias``
+        for a memory that forgets faster, so a state carried over many windows settles).
     max_epochs : int, default=20
         Maximum training epochs.
     batch_size : int, default=32

@@ -48,6 +48,8 @@ _FLOATS: dict[str, tuple[float, float, tuple[bool, bool], str]] = {
     "lr": (0.0, math.inf, (False, False), "the AdamW learning rate; e.g. 1e-3"),
     "weight_decay": (0.0, math.inf, (True, False), "the AdamW weight decay; e.g. 1e-4 (0 = none)"),
     "max_lr": (0.0, math.inf, (False, False), "the memory's largest inner learning rate; e.g. 0.1"),
+    "forget_bias": (-math.inf, math.inf, (False, False),
+                    "the memory's initial forgetting-gate logit; e.g. -6.0 (0.25% per token), -3.0 to forget faster"),
     "max_grad_norm": (0.0, math.inf, (False, False), "the bound on the memory's inner gradient; e.g. 1.0 (None = off)"),
     "ff_mult": (0.0, math.inf, (False, False), "the feed-forward width multiplier; e.g. 2.0"),
     "dropout": (0.0, 1.0, (True, False), "the dropout probability; e.g. 0.1"),

@@ -401,3 +401,45 @@ def test_accuracy_resolved_config_reads_references_in():
     assert accuracy.config_value("etth1", "mac", "model.dim") == accuracy.resolved_config("etth1", "mac")["model"]["dim"]
     assert accuracy.config_differences({"a": {"b": 1, "c": 2}, "d": 3}, {"a": {"b": 1, "c": 4}, "e": 3}) == ["a.c", "d", "e"]
     assert accuracy.config_differences(config, accuracy.resolved_config("etth2", "mac")) == []
+
+
+def test_windows_read_quick_scores_the_read_training_used_as_the_model_does(tmp_path):
+    """The diagnostic's forecast after the k windows a model was trained to read first equals that model's own
+    forecast, for a plain model (k=0) and a forecast_window one (k=1); the state moves once the memory reads."""
+    import lightning.pytorch as pl
+    import torch
+
+    from datamodules import ETTh1DataModule
+    from forecasters.module import TitansForecastingModule
+
+    data, work = synthetic_etth1(tmp_path / "data"), tmp_path / "work"
+    records = []
+    for i, (lookback, window) in enumerate(((96, None), (192, 96))):
+        torch.manual_seed(i)
+        module = TitansForecastingModule(variant="mal", lookback=lookback, horizon=96, forecast_window=window, dim=16,
+                                         n_layers=1, heads=2, lr=1e-3)
+        dm = ETTh1DataModule(data_dir=str(data), lookback=lookback, horizon=96)
+        trainer = pl.Trainer(max_steps=2, limit_val_batches=0, logger=False, enable_checkpointing=False,
+                             enable_progress_bar=False, enable_model_summary=False)
+        trainer.fit(module, dm)
+        trainer.save_checkpoint(work / "checkpoints" / f"run{i}" / "best-epoch=00-val_mse=1.0000.ckpt")
+        dm.setup("test")
+        x, y = next(iter(dm.test_dataloader()))[:2]
+        with torch.no_grad():
+            test_mse = float((module.eval()(x[:16]) - y[:16]).square().mean())
+        records.append({"dataset": "etth1", "model": "mal", "horizon": 96, "seed": 0, "mlflow_run_id": f"run{i}",
+                        "test_mse": test_mse})
+    runs, out = tmp_path / "runs.json", tmp_path / "windows_read.json"
+    runs.write_text(json.dumps(records))
+    run_script("windows_read.py", "--runs", str(runs), "--workdir", str(work), "--data_dir", str(data), "--out", str(out))
+    plain, read_first = json.loads(out.read_text())["results"]
+    assert (plain["trained_windows_read"], read_first["trained_windows_read"]) == (0, 1)
+    for result, record in zip((plain, read_first), records):
+        assert [r["windows_read"] for r in result["rows"]] == [0, 1, 2] and result["n_test_windows"] == 16
+        trained = result["rows"][result["trained_windows_read"]]
+        assert trained["test_mse"] == pytest.approx(record["test_mse"], rel=1e-5)
+        assert result["rows"][0]["state_shift"] == 0 and all(r["state_shift"] > 0 for r in result["rows"][1:])
+        assert len({r["test_mse"] for r in result["rows"]}) == 3  # what the memory read changes the forecast
+    assert plain["rows"][1]["shift_from_trained"] is None and read_first["rows"][1]["shift_from_trained"] == 0
+    assert read_first["rows"][0]["shift_from_trained"] == pytest.approx(1.0)  # W_0 is ||W_t - W_0|| from W_t
+    assert out.with_suffix(".png").exists()

@@ -372,6 +372,7 @@ def test_pickle_round_trip():
         (dict(dim=8, conv_kernel=0), "conv_kernel must be >= 1"),
         (dict(dim=8, max_grad_norm=0.0), "max_grad_norm must be positive"),
         (dict(dim=8, recompute_chunks=0), "recompute_chunks must be a positive number of chunks"),
+        (dict(dim=8, forget_bias=float("inf")), "forget_bias must be a finite number"),
     ],
 )
 def test_bad_arguments_are_named(kwargs, message):
@@ -383,3 +384,18 @@ def test_bad_input_shape_is_named():
     memory = NeuralMemory(8, heads=2)
     with pytest.raises(ValueError, match=r"expects x of shape \[batch, T, 8\]"):
         memory(torch.randn(2, 5, 7))
+
+
+def test_forget_bias_sets_the_initial_forgetting_rate_everywhere_it_is_passed():
+    """The module's forget_bias reaches every memory's forgetting gate, and only that gate; -6 is the default."""
+    from forecasters.module import TitansForecastingModule
+
+    assert (NeuralMemory(8, heads=2).to_gates.bias.view(3, 2)[2] == -6.0).all()
+    for variant in ("mac", "mag", "mal", "lmm"):
+        module = TitansForecastingModule(variant=variant, lookback=32, horizon=8, dim=16, n_layers=2, heads=2,
+                                         forget_bias=-3.0)
+        memories = [m for m in module.modules() if isinstance(m, NeuralMemory)]
+        assert len(memories) == 2
+        for memory in memories:
+            theta, eta, alpha = memory.to_gates.bias.view(3, 2)
+            assert (alpha == -3.0).all() and (theta == 0.0).all() and (eta == 2.0).all()

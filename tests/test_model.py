@@ -117,6 +117,7 @@ def test_wrong_window_shape_is_named():
         (dict(variant="dlinear", forecast_window=48), "leave forecast_window=None"),
         (dict(variant="patchtst", forecast_window=48), "'patchtst' has no memory"),
         (dict(forecast_window=0), "forecast_window must be an integer >= 1"),
+        (dict(forget_bias=float("nan")), "forget_bias must be"),
         (dict(forecast_window=8, patch_len=16), "must not exceed forecast_window"),
     ],
 )

@@ -51,6 +51,7 @@ class TitansBackbone(nn.Module):
         dropout: float = 0.0,
         recompute_chunks: int | None = None,
         compile_chunks: bool = False,
+        forget_bias: float = -6.0,
     ) -> None:
         super().__init__()
         if variant not in BACKBONES:
@@ -65,7 +66,7 @@ class TitansBackbone(nn.Module):
         memory = dict(
             heads=heads, depth=memory_depth, hidden_mult=memory_hidden_mult, chunk_size=chunk_size,
             max_lr=max_lr, conv_kernel=conv_kernel, max_grad_norm=max_grad_norm, recompute_chunks=recompute_chunks,
-            compile_chunks=compile_chunks,
+            compile_chunks=compile_chunks, forget_bias=forget_bias,
         )
         common = dict(dim=dim, memory=memory, ff_mult=ff_mult, dropout=dropout)
         block, extra = {
