@@ -1,9 +1,10 @@
 """Why a memory that has read more of the past forecasts worse: test error against the number of
 windows the memory has read before the window it forecasts from, and how far its state has moved.
 
-    .venv/bin/python benchmarks/windows_read.py --runs /tmp/diag/acc.json \
-        benchmarks/results/studies/forecast_window_96.json --horizons 96      # 21 min (load 3); see README
-    .venv/bin/python benchmarks/windows_read.py --quick --runs /tmp/q/acc.json --workdir /tmp/q  # smoke pass, ~5 s
+    .venv/bin/python benchmarks/windows_read.py --runs benchmarks/results/windows_read_runs.json \
+        benchmarks/results/studies/forecast_window_96.json --horizons 96 --windows_read 0 1 2 3 7 15 31
+        # 4 models, 38 min at load 3 (about 9 s per pass over the 2,785 test windows; k costs k + 1 passes)
+    .venv/bin/python benchmarks/windows_read.py --quick --runs RECORDS --workdir DIR  # smoke pass, ~5 s
 
 Streaming (``benchmarks/streaming.py``) found that carrying the memory across windows does not pay,
 even for a forecaster trained on carried states (``forecast_window``: three windows read first).
