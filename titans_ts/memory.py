@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import math
+import numbers
 from typing import Callable, NamedTuple
 
 import torch
@@ -85,10 +86,10 @@ class NeuralMemory(nn.Module):
 
     `forget_bias` is the forgetting gate's initial logit: alpha_t starts near sigmoid(forget_bias),
     by default sigmoid(-6) = 0.0025 per token, so a window of 12 tokens keeps 97% of the weights. The
-    gate is learned, but a model trained on fresh windows gets almost no gradient for it (a few
-    tokens forget little either way), so it stays near this value; a stream that carries the memory
-    over many windows then drifts for tens of windows. A larger value (e.g. -3: 4.7% per token, 56%
-    kept over 12 tokens) lets a carried state settle within a few windows.
+    gate is learned, but trained on one to four windows it stays near this value (0.0012-0.0026 in
+    the shipped MAL models; `benchmarks/windows_read.py`), and a stream that carries the memory over
+    many windows then drifts for tens of windows. A larger value (e.g. -3: 4.7% per token, 56% kept
+    over 12 tokens) should let a carried state settle within a few windows (not measured yet).
 
     `compile_chunks=True` runs each chunk's forward and backward through `torch.compile`, which
     fuses their many small elementwise ops: forward+backward 0.84-1.61x the speed of the eager form
@@ -120,7 +121,7 @@ class NeuralMemory(nn.Module):
         _require(max_lr > 0, f"max_lr must be positive, got {max_lr}")
         _require(conv_kernel >= 1, f"conv_kernel must be >= 1 (1 = no temporal mixing), got {conv_kernel}")
         _require(max_grad_norm is None or max_grad_norm > 0, f"max_grad_norm must be positive or None, got {max_grad_norm}")
-        _require(isinstance(forget_bias, (int, float)) and not isinstance(forget_bias, bool) and math.isfinite(forget_bias),
+        _require(isinstance(forget_bias, numbers.Real) and not isinstance(forget_bias, bool) and math.isfinite(forget_bias),
                  f"forget_bias must be a finite number (the forgetting gate's initial logit, e.g. -6.0), got {forget_bias!r}")
         _require(recompute_chunks is None or (isinstance(recompute_chunks, int) and recompute_chunks >= 1),
                  f"recompute_chunks must be a positive number of chunks or None (keep every state), got {recompute_chunks!r}")
