@@ -97,21 +97,18 @@ class GateMeter:
         self.memories = [m for m in net.modules() if isinstance(m, NeuralMemory)]
         self.sums = [{"alpha": 0.0, "eta": 0.0, "theta": 0.0, "kept_per_window": 0.0, "tokens": 0, "windows": 0}
                      for _ in self.memories]
-        self.handles = [m.to_gates.register_forward_hook(self._hook(i)) for i, m in enumerate(self.memories)]
+        self.handles = [m.register_forward_pre_hook(self._hook(i)) for i, m in enumerate(self.memories)]
 
     def _hook(self, i: int) -> Any:
-        import torch
-        import torch.nn.functional as F
-
-        def record(module: Any, inputs: Any, out: Any) -> None:
-            memory, s = self.memories[i], self.sums[i]
-            g = out.float().view(out.shape[0], out.shape[1], 3, memory.heads)  # [rows, T, (theta, eta, alpha), heads]
-            s["theta"] += float((memory.max_lr * torch.sigmoid(g[:, :, 0])).sum())
-            s["eta"] += float(torch.sigmoid(g[:, :, 1]).sum())
-            s["alpha"] += float(torch.sigmoid(g[:, :, 2]).sum())
-            s["kept_per_window"] += float(F.logsigmoid(-g[:, :, 2]).sum(1).exp().sum())
-            s["tokens"] += g[:, :, 0].numel()
-            s["windows"] += g.shape[0] * g.shape[3]
+        def record(memory: Any, args: tuple) -> None:
+            theta, log_eta, log_keep = memory.gates(args[0])  # each [rows, heads, T]
+            s = self.sums[i]
+            s["theta"] += float(theta.sum())
+            s["eta"] += float(log_eta.exp().sum())
+            s["alpha"] += float((-log_keep.expm1()).sum())
+            s["kept_per_window"] += float(log_keep.sum(-1).exp().sum())
+            s["tokens"] += theta.numel()
+            s["windows"] += theta[..., 0].numel()
 
         return record
 

@@ -161,6 +161,13 @@ class NeuralMemory(nn.Module):
         return self._run(x, state, functools.partial(chunked_memory_update, recompute_chunks=self.recompute_chunks,
                                                      compile_chunks=self.compile_chunks))
 
+    def gates(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """The gates of x [batch, T, dim] per head and token, [batch, heads, T], at least float32 and in log
+        space where they multiply up: theta_t, log eta_t and log(1 - alpha_t) (what forgetting keeps)."""
+        gates = _at_least_float32(self.to_gates(x))
+        gates = gates.view(x.shape[0], x.shape[1], 3, self.heads).permute(2, 0, 3, 1)
+        return self.max_lr * torch.sigmoid(gates[0]), F.logsigmoid(gates[1]), F.logsigmoid(-gates[2])
+
     def prime(self, prefix: Tensor, batch: int) -> tuple[Tensor, MemoryState]:
         """Open `batch` streams that all begin with the same tokens `prefix` [n, dim] (e.g. persistent memory).
 
@@ -196,7 +203,7 @@ class NeuralMemory(nn.Module):
             x.dim() == 3 and x.shape[-1] == self.dim,
             f"NeuralMemory expects x of shape [batch, T, {self.dim}], got {tuple(x.shape)}",
         )
-        batch, length, _ = x.shape
+        batch = x.shape[0]
         if state is None:
             state = self.initial_state(batch, x.device, x.dtype)
         _require(
@@ -212,13 +219,7 @@ class NeuralMemory(nn.Module):
         q, k, v = (self._split_heads(t) for t in qkv.chunk(3, dim=-1))
         q, k = F.normalize(q, dim=-1), F.normalize(k, dim=-1)
 
-        # Gates per token and head, at least float32 and in log space where they multiply up.
-        gates = self.to_gates(x)
-        gates = _at_least_float32(gates)
-        gates = gates.view(batch, length, 3, self.heads).permute(2, 0, 3, 1)
-        theta = (self.max_lr * torch.sigmoid(gates[0])).flatten(0, 1)
-        log_eta = F.logsigmoid(gates[1]).flatten(0, 1)
-        log_keep = F.logsigmoid(-gates[2]).flatten(0, 1)  # log(1 - alpha)
+        theta, log_eta, log_keep = (g.flatten(0, 1) for g in self.gates(x))
 
         # The memory's weights are a running sum over the whole stream: under autocast (bf16-mixed) the
         # recurrence still runs in float32, since bf16's 8-bit mantissa would round small updates away.
