@@ -124,6 +124,16 @@ def load_benchmark(name: str):
     return module
 
 
+def test_streaming_passes_model_settings_to_the_forecaster():
+    streaming = load_benchmark("streaming")
+    default = streaming.build_forecaster(streaming.parse_args([]), validation_size=100)
+    assert default.get_params()["model_kwargs"]["forget_bias"] == -6.0  # the model's own default
+    args = streaming.parse_args(["--forget_bias", "-3", "--lookback", "384", "--forecast_window", "96"])
+    params = streaming.build_forecaster(args, validation_size=100).get_params()
+    assert params["lookback"] == 384
+    assert params["model_kwargs"] == {"segment_len": 4, "forecast_window": 96, "forget_bias": -3.0}
+
+
 def test_accuracy_study_overrides_reach_the_run_and_stay_apart(tmp_path, capsys):
     import pytest
 
