@@ -89,7 +89,9 @@ class NeuralMemory(nn.Module):
     gate is learned, but trained on one to four windows it stays near this value (0.0012-0.0026 in
     the shipped MAL models; `benchmarks/windows_read.py`), and a stream that carries the memory over
     many windows then drifts for tens of windows. A larger value (e.g. -3: 4.7% per token, 56% kept
-    over 12 tokens) should let a carried state settle within a few windows (not measured yet).
+    over 12 tokens) lets a carried state settle within a few windows: trained with
+    `forecast_window`, MAL's ETTh1 test MSE after reading 31 windows is 0.388 against 0.386 at the
+    3 it was trained with (0.419 at -6), but no better than a fresh memory (see the README).
 
     `compile_chunks=True` runs each chunk's forward and backward through `torch.compile`, which
     fuses their many small elementwise ops: forward+backward 0.84-1.61x the speed of the eager form
