@@ -50,8 +50,21 @@ def main(args: list[str] | None = None) -> int:
     from forecasters.cli import run_cli
 
     # None lets LightningCLI read sys.argv itself (passing both makes it warn).
-    run_cli(None if args is None else argv)
+    try:
+        run_cli(None if args is None else argv)
+    finally:
+        _close_process_group()
     return 0
+
+
+def _close_process_group() -> None:
+    """Tear down a DDP process group before the process exits. Lightning leaves it open, and a gloo group
+    still alive at interpreter exit can abort a rank (`terminate called without an active exception`),
+    failing a torchrun job whose work had finished."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def _overview() -> argparse.ArgumentParser:
