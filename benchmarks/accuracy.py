@@ -528,7 +528,9 @@ def referenced_file(node: Any, rel: str) -> str | None:
 
 
 def resolved_config(dataset: str, model: str, read_text: Any = None) -> dict[str, Any]:
-    """The shipped config of a cell as one tree, its file references read in (as `config_value` reads them)."""
+    """The shipped config of a cell as one tree, its file references read in (as `config_value` reads them)
+    and the model arguments it does not spell out filled with the module's defaults: what the run used, so
+    a config that later spells a default out (``linear_skip: false``) has not changed."""
     import yaml
 
     read_text = read_text or (lambda rel: (ROOT / rel).read_text())
@@ -539,7 +541,8 @@ def resolved_config(dataset: str, model: str, read_text: Any = None) -> dict[str
         return {k: resolve(v, rel) for k, v in node.items()} if isinstance(node, dict) else node
 
     start = f"configs/{dataset}/{model}.yaml"
-    return resolve(yaml.safe_load(read_text(start)), start)
+    config = resolve(yaml.safe_load(read_text(start)), start)
+    return {**config, "model": {**module_defaults(read_text), **config.get("model", {})}}
 
 
 def config_differences(a: Any, b: Any, prefix: str = "") -> list[str]:
@@ -572,22 +575,27 @@ def config_value(dataset: str, model: str, key: str, read_text: Any = None) -> A
 
 
 def module_default(name: str, read_text: Any, missing: str) -> Any:
-    """The default of TitansForecastingModule's argument `name` in ``forecasters/module.py`` as `read_text`
-    reads it: what a config that does not spell `name` out runs with. An argument the module did not have
-    yet reads as today's default, since a new option's default keeps the behaviour from before it."""
+    """The default of TitansForecastingModule's argument `name` (see `module_defaults`)."""
+    if name in (defaults := module_defaults(read_text)):
+        return defaults[name]
+    raise KeyError(f"{missing}, and TitansForecastingModule has no argument {name!r}")
+
+
+def module_defaults(read_text: Any) -> dict[str, Any]:
+    """TitansForecastingModule's argument defaults in ``forecasters/module.py`` as `read_text` reads it: what a
+    config that does not spell an argument out runs with. An argument the module did not have yet reads as
+    today's default, since a new option's default keeps the behaviour from before it."""
     import ast
 
     def defaults(source: str) -> dict[str, Any]:
         for node in ast.walk(ast.parse(source)):
             if isinstance(node, ast.FunctionDef) and node.name == "__init__":
                 args = node.args.args[len(node.args.args) - len(node.args.defaults):]
-                return {a.arg: ast.literal_eval(d) for a, d in zip(args, node.args.defaults)}
+                values = {a.arg: ast.literal_eval(d) for a, d in zip(args, node.args.defaults)}
+                return {k: list(v) if isinstance(v, tuple) else v for k, v in values.items()}  # as YAML reads them
         return {}
 
-    for source in (read_text("forecasters/module.py"), (ROOT / "forecasters/module.py").read_text()):
-        if name in (found := defaults(source)):
-            return found[name]
-    raise KeyError(f"{missing}, and TitansForecastingModule has no argument {name!r}")
+    return {**defaults((ROOT / "forecasters/module.py").read_text()), **defaults(read_text("forecasters/module.py"))}
 
 
 def git_reader(commit: str) -> Any:

@@ -407,10 +407,31 @@ def test_accuracy_resolved_config_reads_references_in():
         return yaml.safe_load((ROOT / rel).read_text())
 
     config = accuracy.resolved_config("etth2", "mac")
-    assert config["model"] == yaml_file("configs/model/mac.yaml") and config["data"] == yaml_file("configs/data/etth2.yaml")
+    spelled = yaml_file("configs/model/mac.yaml")
+    assert config["data"] == yaml_file("configs/data/etth2.yaml")
+    assert {k: config["model"][k] for k in spelled} == spelled
+    # what the config leaves out is what the run used: the module's default
+    assert config["model"]["loss"] == "mse" and config["model"]["quantiles"] == [0.1, 0.5, 0.9] and "loss" not in spelled
     assert accuracy.config_value("etth1", "mac", "model.dim") == accuracy.resolved_config("etth1", "mac")["model"]["dim"]
     assert accuracy.config_differences({"a": {"b": 1, "c": 2}, "d": 3}, {"a": {"b": 1, "c": 4}, "e": 3}) == ["a.c", "d", "e"]
     assert accuracy.config_differences(config, accuracy.resolved_config("etth2", "mac")) == []
+
+
+def test_accuracy_config_spelling_out_a_default_is_no_difference():
+    """A run made before a config spelled `linear_skip: false` out ran with the module's default, false: the
+    two configs are the same run (adopt compares them), while another value is a difference."""
+    accuracy = load_benchmark("accuracy")
+    shipped = (ROOT / "configs/model/mal.yaml").read_text()
+    assert "linear_skip: false" in shipped
+
+    def reader(model_yaml):
+        return lambda rel: model_yaml if rel == "configs/model/mal.yaml" else (ROOT / rel).read_text()
+
+    left_out = shipped.replace("linear_skip: false", "")
+    now = accuracy.resolved_config("etth1", "mal")
+    assert accuracy.config_differences(accuracy.resolved_config("etth1", "mal", reader(left_out)), now) == []
+    other = shipped.replace("linear_skip: false", "linear_skip: true")
+    assert accuracy.config_differences(accuracy.resolved_config("etth1", "mal", reader(other)), now) == ["model.linear_skip"]
 
 
 def test_windows_read_quick_scores_the_read_training_used_as_the_model_does(tmp_path):
