@@ -738,6 +738,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--experiment", default=EXPERIMENT)
     parser.add_argument("--workdir", type=Path, default=ROOT, help="where mlflow.db and checkpoints/ go (default: the repo)")
     parser.add_argument("--out", type=Path, default=RESULTS / "accuracy.json")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads per worker (default 1, as every committed record ran: one worker per core)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides",
                         help="a `titans-ts fit` override for every run (e.g. model.lr=0.0001); needs its own --out")
     parser.add_argument("--baseline", type=Path, nargs="+", default=None, metavar="FILE",
@@ -746,6 +748,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="move STUDY's runs (of --datasets, --models) into --out, once the configs hold its settings; "
                              "--out's runs with the old settings move to a study file of their own")
     args = parser.parse_args(argv)
+    if args.threads < 1:
+        parser.error(f"--threads must be at least 1, got {args.threads}")
     if args.adopt and args.overrides:
         parser.error("--adopt moves finished runs; it takes no --set")
     args.overrides = parse_overrides(args.overrides, parser)
@@ -803,6 +807,12 @@ def main(argv: list[str] | None = None) -> None:
     todo = cells_to_run(args, records)[: args.max_runs]
     print(f"{len(todo)} run(s) to do; {len(records)} already in {args.out}", flush=True)
     args.code_version = code_version()  # read once: the code this process imported
+    import torch
+
+    # Set, not left to torch: its default is the machine's physical cores, so on a 2-core machine without
+    # hyperthreads two workers of 2 threads each fight over the cores (MKL's OpenMP barriers spin) and
+    # train 3-4x slower than two workers of 1, with epoch times that no longer compare.
+    torch.set_num_threads(args.threads)
     args.workdir.mkdir(parents=True, exist_ok=True)
     os.chdir(args.workdir)  # the default MLflow store (./mlflow.db) and checkpoints/ go here
     for i, cell in enumerate(todo, 1):
