@@ -96,6 +96,7 @@ def test_accuracy_quick_writes_records_and_resumes(tmp_path):
         ("etth1", "mac", 96, 96, 0), ("etth1", "dlinear", 96, 96, 0)]
     assert all(r["test_mse"] > 0 and r["test_mae"] > 0 and r["epoch_seconds"] > 0 and r["mlflow_run_id"] for r in records)
     assert all(r["n_test_windows"] == 2 * 32 for r in records)  # two test batches of 32 in the smoke pass
+    assert all(r["torch_threads"] == 1 for r in records)  # --threads' default, whatever torch's own default is here
     assert out.with_suffix(".png").exists() and "| mac |" in (tmp_path / "accuracy_summary.md").read_text()
     run_script("accuracy.py", *args, "--resume")  # every cell is done: nothing runs, nothing is duplicated
     assert json.loads(out.read_text()) == records
