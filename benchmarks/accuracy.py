@@ -811,7 +811,7 @@ def main(argv: list[str] | None = None) -> None:
 
     # Set, not left to torch: its default is the machine's physical cores, so on a 2-core machine without
     # hyperthreads two workers of 2 threads each fight over the cores (MKL's OpenMP barriers spin) and
-    # train 3-4x slower than two workers of 1, with epoch times that no longer compare.
+    # train 3-6x slower than two workers of 1, with epoch times that no longer compare.
     torch.set_num_threads(args.threads)
     args.workdir.mkdir(parents=True, exist_ok=True)
     os.chdir(args.workdir)  # the default MLflow store (./mlflow.db) and checkpoints/ go here
