@@ -14,6 +14,7 @@ from forecasters.baselines import ModelName, build_forecast_model
 from forecasters.validation import check_checkpoint_fits, validate_hparams
 
 LossName = Literal["mse", "mae", "quantile"]
+LRSchedule = Literal["cosine", "halving", "constant"]
 
 
 def pinball_loss(pred: Tensor, target: Tensor, quantiles: Tensor) -> Tensor:
@@ -82,7 +83,7 @@ class TitansForecastingModule(pl.LightningModule):
         quantiles: tuple[float, ...] = (0.1, 0.5, 0.9),
         lr: float = 1e-3,
         weight_decay: float = 1e-4,
-        cosine_schedule: bool = True,
+        lr_schedule: LRSchedule = "cosine",
         compile: bool = False,
     ) -> None:
         super().__init__()
@@ -220,7 +221,12 @@ class TitansForecastingModule(pl.LightningModule):
 
     def configure_optimizers(self) -> Any:
         optimizer = torch.optim.AdamW(self.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
-        if not self.hparams.cosine_schedule or self._trainer is None or not self.trainer.max_epochs or self.trainer.max_epochs < 1:
+        schedule = self.hparams.lr_schedule
+        if schedule == "halving":
+            # The long-horizon literature's harness (Time-Series-Library's "type1"): half the rate after every epoch.
+            scheduler = torch.optim.lr_scheduler.ExponentialLR(optimizer, gamma=0.5)
+        elif schedule == "cosine" and self._trainer is not None and self.trainer.max_epochs and self.trainer.max_epochs >= 1:
+            scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=self.trainer.max_epochs)
+        else:
             return optimizer
-        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=self.trainer.max_epochs)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}

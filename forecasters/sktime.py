@@ -109,7 +109,7 @@ class TitansForecaster(BaseForecaster):
         extrapolated beyond them); quantiles are sorted, so they never cross.
     model_kwargs : dict or None, default=None
         Further arguments of ``TitansForecastingModule`` (e.g. ``window``, ``segment_len``,
-        ``n_persistent``, ``max_lr``, ``revin``, ``linear_skip``, ``cosine_schedule``; ``forecast_window``
+        ``n_persistent``, ``max_lr``, ``revin``, ``linear_skip``, ``lr_schedule``; ``forecast_window``
         to let the memory read all ``lookback`` values while the head sees the last ones; ``forget_bias``
         for a memory that forgets faster, so a state carried over many windows settles).
     max_epochs : int, default=20
@@ -117,7 +117,8 @@ class TitansForecaster(BaseForecaster):
     batch_size : int, default=32
         Windows per training batch.
     lr : float, default=1e-3
-        AdamW learning rate (cosine-annealed over ``max_epochs`` by default).
+        AdamW learning rate (cosine-annealed over ``max_epochs`` by default; ``model_kwargs``
+        ``lr_schedule="halving"`` halves it after every epoch, ``"constant"`` keeps it).
     weight_decay : float, default=1e-4
         AdamW weight decay.
     validation_size : float or int, default=0.2

@@ -60,7 +60,6 @@ _BOOLS: dict[str, str] = {
     "channel_independent": "each channel its own token sequence",
     "revin": "reversible instance normalisation of each window",
     "linear_skip": "add a linear forecast of the normalised window to the head's",
-    "cosine_schedule": "cosine-anneal the learning rate",
     "compile": "run the network through torch.compile",
     "compile_chunks": "compile the memory's chunk step",
     "past_gradient": "back-propagate through the windows read before the forecast window",
@@ -119,6 +118,9 @@ def _check_choices(hparams: Mapping[str, Any]) -> None:
     loss = hparams.get("loss", "mse")
     if loss not in ("mse", "mae", "quantile"):
         raise ValueError(f"loss must be 'mse', 'mae' or 'quantile', got {loss!r}")
+    if hparams.get("lr_schedule", "cosine") not in ("cosine", "halving", "constant"):
+        raise ValueError(f"lr_schedule must be 'cosine' (annealed over max_epochs), 'halving' (halved after every "
+                         f"epoch) or 'constant', got {hparams['lr_schedule']!r}")
     quantiles = hparams.get("quantiles")
     if loss == "quantile" and quantiles is not None:
         if not quantiles or any(not 0.0 < q < 1.0 for q in quantiles) or 0.5 not in quantiles:

@@ -1,5 +1,7 @@
 """The forecasting network and its LightningModule on small synthetic windows."""
 
+import math
+
 import lightning.pytorch as pl
 import pytest
 import torch
@@ -119,6 +121,7 @@ def test_wrong_window_shape_is_named():
         (dict(forecast_window=0), "forecast_window must be an integer >= 1"),
         (dict(forget_bias=float("nan")), "forget_bias must be"),
         (dict(forecast_window=8, patch_len=16), "must not exceed forecast_window"),
+        (dict(lr_schedule="step"), "lr_schedule must be 'cosine'"),
     ],
 )
 def test_bad_module_arguments(kwargs, message):
@@ -158,6 +161,24 @@ def test_training_reduces_the_loss_and_logs_metrics():
     assert {"train_loss_epoch", "val_mse", "val_mae", "val_loss"} <= set(trainer.callback_metrics)
     result = trainer.test(module, loader, verbose=False)[0]
     assert {"test_mse", "test_mae"} <= set(result)
+
+
+@pytest.mark.parametrize("schedule, expected_factors", [
+    ("cosine", [1.0, (1 + math.cos(math.pi / 4)) / 2, 0.5, (1 + math.cos(3 * math.pi / 4)) / 2]),
+    ("halving", [1.0, 0.5, 0.25, 0.125]),
+    ("constant", [1.0, 1.0, 1.0, 1.0]),
+])
+def test_lr_schedule_sets_the_rate_of_each_epoch(schedule, expected_factors):
+    class RecordRate(pl.Callback):
+        def on_train_epoch_start(self, trainer, module):
+            rates.append(trainer.optimizers[0].param_groups[0]["lr"])
+
+    rates = []
+    module = make_module(lr_schedule=schedule)
+    trainer = pl.Trainer(max_epochs=4, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False, callbacks=[RecordRate()])
+    trainer.fit(module, synthetic_loader(), synthetic_loader())
+    assert rates == pytest.approx([3e-3 * f for f in expected_factors])
 
 
 def test_quantile_forecasts_never_cross():
