@@ -22,7 +22,7 @@ from typing import Any
 import yaml
 from jsonargparse import Namespace
 from lightning.pytorch import LightningDataModule, LightningModule, Trainer
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import ModelCheckpoint, WeightAveraging
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 
 # Imported so that short names resolve: --data ETTh1DataModule (jsonargparse knows imported subclasses).
@@ -253,7 +253,13 @@ class TitansCLI(LightningCLI):
         best = callback.best_model_path if isinstance(callback, ModelCheckpoint) else ""
         self.best_model_path = best or None
         if self._option("test_after_fit", True) and not self.trainer.interrupted:
-            self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path="best" if best else None)
+            if best and any(isinstance(c, WeightAveraging) for c in self.trainer.callbacks):
+                # Validation, hence "best", judged the averaged weights, which the file's state_dict holds; Lightning's
+                # WeightAveraging would load the file's raw (unaveraged) weights into this fit's trainer instead.
+                self.model.load_state_dict(read_checkpoint(best)["state_dict"])
+                self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path=None)
+            else:
+                self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path="best" if best else None)
             self.test_metrics = _metrics(self.trainer, "test_")
         logger = self._mlflow_logger()
         if logger is not None and self.trainer.is_global_zero:

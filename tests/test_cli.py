@@ -276,6 +276,19 @@ def test_test_subcommand_reproduces_the_fit_metrics(fits: list[Fit], in_workdir:
         cli.test_metrics["test_mse"])
 
 
+def test_fit_with_weight_averaging_tests_the_averaged_weights_validation_chose(data_dir: Path, tmp_path: Path,
+                                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    # Validation (and so the best checkpoint) sees the average; the checkpoint also keeps the raw weights.
+    monkeypatch.chdir(tmp_path)
+    cli, _ = quiet_run(["fit", *etth1_args(data_dir), "--trainer.logger=false",
+                        "--trainer.callbacks+=EMAWeightAveraging", "--trainer.callbacks.decay=0.5"])
+    checkpoint = torch.load(cli.best_model_path, map_location="cpu", weights_only=True)
+    average, raw = checkpoint["state_dict"], checkpoint["current_model_state"]
+    assert any(not torch.equal(average[name], raw[name]) for name in average)
+    tested, _ = quiet_run(["test", *etth1_args(data_dir), "--trainer.logger=false", "--ckpt_path", cli.best_model_path])
+    assert cli.test_metrics["test_mse"] == pytest.approx(tested.test_metrics["test_mse"], rel=1e-6)
+
+
 def test_predict_writes_forecasts(fits: list[Fit], in_workdir: Path, data_dir: Path, tmp_path: Path) -> None:
     target = tmp_path / "forecasts.npz"
     cli, output = quiet_run(["predict", *etth1_args(data_dir), "--ckpt_path", fits[0].cli.best_model_path,
