@@ -1,6 +1,8 @@
 """Smoke passes of the benchmark scripts (`--quick`): they run and write what they promise."""
 
+import itertools
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -475,3 +477,40 @@ def test_windows_read_quick_scores_the_read_training_used_as_the_model_does(tmp_
     assert plain["rows"][1]["shift_from_trained"] is None and read_first["rows"][1]["shift_from_trained"] == 0
     assert read_first["rows"][0]["shift_from_trained"] == pytest.approx(1.0)  # W_0 is ||W_t - W_0|| from W_t
     assert out.with_suffix(".png").exists()
+
+
+def test_ema_checkpoints_quick_scores_the_average_and_the_raw_weights_of_one_step(tmp_path):
+    """A weight-averaged checkpoint's two sets of weights, each scored as `titans-ts validate` / `test` score it."""
+    import lightning.pytorch as pl
+    import torch
+    from lightning.pytorch.callbacks import EMAWeightAveraging, ModelCheckpoint
+
+    from datamodules import ETTh1DataModule
+    from forecasters.module import TitansForecastingModule
+
+    data, work = synthetic_etth1(tmp_path / "data"), tmp_path / "work"
+    torch.manual_seed(0)
+    module = TitansForecastingModule(variant="mag", n_channels=7, n_targets=7, lookback=96, horizon=96, dim=16, n_layers=1,
+                                     heads=2, lr=1e-2)
+    path = work / "checkpoints" / "run0" / "best-epoch=00-val_mse=1.0000.ckpt"
+    # Saved during training, as a best checkpoint is: at the end the average replaces the raw weights.
+    saving = ModelCheckpoint(dirpath=path.parent, filename=path.stem, every_n_train_steps=4)
+    trainer = pl.Trainer(max_steps=4, limit_val_batches=0, logger=False, enable_progress_bar=False,
+                         enable_model_summary=False, callbacks=[EMAWeightAveraging(decay=0.5), saving])
+    trainer.fit(module, ETTh1DataModule(data_dir=str(data), lookback=96, horizon=96))
+    runs, out = tmp_path / "runs.json", tmp_path / "ema_checkpoints.json"
+    runs.write_text(json.dumps([{"dataset": "etth1", "model": "mag", "lookback": 96, "horizon": 96, "seed": 0,
+                                 "mlflow_run_id": "run0"}]))
+    run_script("ema_checkpoints.py", "--runs", str(runs), "--workdir", str(work), "--data_dir", str(data), "--out", str(out))
+    (result,) = json.loads(out.read_text())["results"]
+    average, raw = result["average"], result["raw"]
+    assert all(math.isfinite(v) for v in (*average.values(), *raw.values()))
+    assert average["test_mse"] != raw["test_mse"] and average["val_mse"] != raw["val_mse"]
+    # The raw weights are the trained module's own: scored directly on the same two test batches, they agree.
+    dm = ETTh1DataModule(data_dir=str(data), lookback=96, horizon=96)
+    dm.setup("test")
+    module.load_state_dict(torch.load(path, weights_only=True)["current_model_state"])
+    module.eval()
+    with torch.no_grad():
+        errors = [(module(x) - y).square() for x, y, *_ in itertools.islice(dm.test_dataloader(), 2)]
+    assert raw["test_mse"] == pytest.approx(float(torch.cat(errors).mean()), rel=1e-4)
