@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from typing import Any, Literal
 
 import lightning.pytorch as pl
@@ -85,9 +86,14 @@ class TitansForecastingModule(pl.LightningModule):
         weight_decay: float = 1e-4,
         lr_schedule: LRSchedule = "cosine",
         compile: bool = False,
+        cosine_schedule: bool | None = None,
     ) -> None:
+        if cosine_schedule is not None:  # the switch lr_schedule replaced: checkpoints saved with it still load
+            warnings.warn("cosine_schedule is deprecated: use lr_schedule='cosine' or lr_schedule='constant'",
+                          DeprecationWarning, stacklevel=2)
+            lr_schedule = "cosine" if cosine_schedule else "constant"
         super().__init__()
-        self.save_hyperparameters()
+        self.save_hyperparameters(ignore=["cosine_schedule"])
         validate_hparams(self.hparams)  # before any layer is built, with messages that name the fix
         n_targets = n_channels if n_targets is None else n_targets
         self.model = build_forecast_model(

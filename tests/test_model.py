@@ -181,6 +181,12 @@ def test_lr_schedule_sets_the_rate_of_each_epoch(schedule, expected_factors):
     assert rates == pytest.approx([3e-3 * f for f in expected_factors])
 
 
+def test_the_old_cosine_schedule_switch_still_loads_as_lr_schedule():
+    with pytest.warns(DeprecationWarning, match="lr_schedule"):
+        module = make_module(cosine_schedule=False)
+    assert module.hparams.lr_schedule == "constant" and "cosine_schedule" not in module.hparams
+
+
 def test_quantile_forecasts_never_cross():
     pl.seed_everything(0)
     module = make_module(loss="quantile", quantiles=(0.9, 0.1, 0.5, 0.25))
