@@ -2,7 +2,7 @@
 
     .venv/bin/python benchmarks/ema_checkpoints.py --runs benchmarks/results/studies/ema_0.998.json \
         --workdir WORKDIR --models mag --horizons 720      # 3 checkpoints, 36 s here, idle
-    .venv/bin/python benchmarks/ema_checkpoints.py --quick --runs RECORDS --workdir DIR  # smoke pass, ~20 s
+    .venv/bin/python benchmarks/ema_checkpoints.py --quick --runs RECORDS --workdir DIR  # smoke pass (its test, tiny model: 8.8 s)
 
 A run of ``benchmarks/accuracy.py`` with Lightning's ``EMAWeightAveraging`` callback (``--set
 trainer.callbacks+=EMAWeightAveraging``) validates and checkpoints the average of the weights. Its best

@@ -12,10 +12,9 @@ from torchmetrics import MeanAbsoluteError, MeanSquaredError
 
 from forecasters.checkpointing import capture_rng_states, restore_rng_states
 from forecasters.baselines import ModelName, build_forecast_model
-from forecasters.validation import check_checkpoint_fits, validate_hparams
+from forecasters.validation import LRSchedule, check_checkpoint_fits, validate_hparams
 
 LossName = Literal["mse", "mae", "quantile"]
-LRSchedule = Literal["cosine", "halving", "constant"]
 
 
 def pinball_loss(pred: Tensor, target: Tensor, quantiles: Tensor) -> Tensor:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, Literal, get_args
 
 import numpy as np
 
@@ -64,6 +64,9 @@ _BOOLS: dict[str, str] = {
     "compile_chunks": "compile the memory's chunk step",
     "past_gradient": "back-propagate through the windows read before the forecast window",
 }
+
+#: How the AdamW rate moves from epoch to epoch (checked here, annotated on the module).
+LRSchedule = Literal["cosine", "halving", "constant"]
 
 #: Hyperparameters that fix the weights' shapes: a checkpoint only loads into a module with the same values.
 ARCHITECTURE_HPARAMS: tuple[str, ...] = (
@@ -118,7 +121,7 @@ def _check_choices(hparams: Mapping[str, Any]) -> None:
     loss = hparams.get("loss", "mse")
     if loss not in ("mse", "mae", "quantile"):
         raise ValueError(f"loss must be 'mse', 'mae' or 'quantile', got {loss!r}")
-    if hparams.get("lr_schedule", "cosine") not in ("cosine", "halving", "constant"):
+    if hparams.get("lr_schedule", "cosine") not in get_args(LRSchedule):
         raise ValueError(f"lr_schedule must be 'cosine' (annealed over max_epochs), 'halving' (halved after every "
                          f"epoch) or 'constant', got {hparams['lr_schedule']!r}")
     quantiles = hparams.get("quantiles")
