@@ -47,6 +47,11 @@ class TitansForecastingModule(pl.LightningModule):
     values while attention and the head see the last W: e.g. ``--data.lookback 384
     --model.forecast_window 96`` reads three windows of 96 into the memory before the one forecast
     from (see :class:`forecasters.model.TitansForecastModel`), without gradient unless ``past_gradient``.
+
+    ``ema_decay`` (e.g. 0.998) trains with an exponential moving average of the weights, Lightning's
+    ``EMAWeightAveraging``: validation, checkpoint choice and the weights a fit ends with are the average's,
+    and a checkpoint keeps the raw weights as ``current_model_state`` so a fit resumes exactly. As a
+    hyperparameter it reaches YAML configs and ``TitansForecaster(model_kwargs={"ema_decay": ...})``.
     """
 
     def __init__(
@@ -84,6 +89,7 @@ class TitansForecastingModule(pl.LightningModule):
         lr: float = 1e-3,
         weight_decay: float = 1e-4,
         lr_schedule: LRSchedule = "cosine",
+        ema_decay: float | None = None,
         compile: bool = False,
         cosine_schedule: bool | None = None,
     ) -> None:
@@ -223,6 +229,14 @@ class TitansForecastingModule(pl.LightningModule):
                              "clean or impute the data first (the data modules take fill_method='ffill' or 'interpolate')")
         pred = self(x)
         return {"forecast": pred, "forecast_original_units": self.to_original_units(pred)}
+
+    def configure_callbacks(self) -> list[pl.Callback]:
+        # Fit only: in validate/test/predict the average is already the weights, and the callback would warn on loading.
+        if self.hparams.get("ema_decay") is None or self._trainer is None or self.trainer.state.fn != "fit":
+            return []
+        from lightning.pytorch.callbacks import EMAWeightAveraging
+
+        return [EMAWeightAveraging(decay=self.hparams.ema_decay)]
 
     def configure_optimizers(self) -> Any:
         optimizer = torch.optim.AdamW(self.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)

@@ -53,7 +53,12 @@ _FLOATS: dict[str, tuple[float, float, tuple[bool, bool], str]] = {
     "max_grad_norm": (0.0, math.inf, (False, False), "the bound on the memory's inner gradient; e.g. 1.0 (None = off)"),
     "ff_mult": (0.0, math.inf, (False, False), "the feed-forward width multiplier; e.g. 2.0"),
     "dropout": (0.0, 1.0, (True, False), "the dropout probability; e.g. 0.1"),
+    "ema_decay": (0.0, 1.0, (False, False),
+                  "the decay of the weights' moving average; e.g. 0.998 (None = train without averaging)"),
 }
+
+#: Float hyperparameters for which None means "off".
+_OPTIONAL_FLOATS = ("max_grad_norm", "ema_decay")
 
 #: Switches: (what True does). YAML's `yes`/`true` arrive as bools; a string such as "false" would be truthy.
 _BOOLS: dict[str, str] = {
@@ -104,7 +109,7 @@ def validate_hparams(hparams: Mapping[str, Any]) -> None:
         if name in hparams and not (name in _OPTIONAL_INTS and hparams[name] is None):
             check_int(name, hparams[name], minimum, hint)
     for name, (low, high, closed, hint) in _FLOATS.items():
-        if name in hparams and not (name == "max_grad_norm" and hparams[name] is None):
+        if name in hparams and not (name in _OPTIONAL_FLOATS and hparams[name] is None):
             check_float(name, hparams[name], low, high, closed, hint)
     for name, meaning in _BOOLS.items():
         if name in hparams and not isinstance(hparams[name], (bool, np.bool_)):

@@ -276,12 +276,14 @@ def test_test_subcommand_reproduces_the_fit_metrics(fits: list[Fit], in_workdir:
         cli.test_metrics["test_mse"])
 
 
+@pytest.mark.parametrize("averaging", [["--trainer.callbacks+=EMAWeightAveraging", "--trainer.callbacks.decay=0.5"],
+                                       ["--model.ema_decay=0.5"]], ids=["trainer-callback", "model-ema_decay"])
 def test_fit_with_weight_averaging_tests_the_averaged_weights_validation_chose(data_dir: Path, tmp_path: Path,
-                                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+                                                                              monkeypatch: pytest.MonkeyPatch,
+                                                                              averaging: list[str]) -> None:
     # Validation (and so the best checkpoint) sees the average; the checkpoint also keeps the raw weights.
     monkeypatch.chdir(tmp_path)
-    cli, _ = quiet_run(["fit", *etth1_args(data_dir), "--trainer.logger=false",
-                        "--trainer.callbacks+=EMAWeightAveraging", "--trainer.callbacks.decay=0.5"])
+    cli, _ = quiet_run(["fit", *etth1_args(data_dir), "--trainer.logger=false", *averaging])
     checkpoint = torch.load(cli.best_model_path, map_location="cpu", weights_only=True)
     average, raw = checkpoint["state_dict"], checkpoint["current_model_state"]
     assert any(not torch.equal(average[name], raw[name]) for name in average)

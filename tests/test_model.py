@@ -122,6 +122,7 @@ def test_wrong_window_shape_is_named():
         (dict(forget_bias=float("nan")), "forget_bias must be"),
         (dict(forecast_window=8, patch_len=16), "must not exceed forecast_window"),
         (dict(lr_schedule="step"), "lr_schedule must be 'cosine'"),
+        (dict(ema_decay=1.0), r"ema_decay must be a number in \(0, 1\)"),
     ],
 )
 def test_bad_module_arguments(kwargs, message):
@@ -185,6 +186,30 @@ def test_the_old_cosine_schedule_switch_still_loads_as_lr_schedule():
     with pytest.warns(DeprecationWarning, match="lr_schedule"):
         module = make_module(cosine_schedule=False)
     assert module.hparams.lr_schedule == "constant" and "cosine_schedule" not in module.hparams
+
+
+def test_ema_decay_validates_and_ends_with_the_moving_average_of_the_weights():
+    class RecordWeights(pl.Callback):
+        def on_train_batch_end(self, trainer, module, *args):
+            steps.append({k: v.detach().clone() for k, v in module.named_parameters()})
+
+    steps, decay = [], 0.7
+    pl.seed_everything(0)
+    module = make_module(ema_decay=decay)
+    trainer = pl.Trainer(max_epochs=2, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False, callbacks=[RecordWeights()])
+    trainer.fit(module, synthetic_loader(), synthetic_loader())
+    last_val_mse = trainer.callback_metrics["val_mse"].item()
+    average = dict(steps[0])  # the first step's weights start the average
+    for weights in steps[1:]:
+        average = {k: decay * average[k] + (1 - decay) * w for k, w in weights.items()}
+    assert len(steps) == 8 and not torch.equal(steps[-1]["model.head.2.weight"], average["model.head.2.weight"])
+    for name, param in module.named_parameters():
+        torch.testing.assert_close(param.detach(), average[name], msg=name)
+    # The last validation judged the same averaged weights; outside fit the module adds no callback.
+    checker = pl.Trainer(logger=False, enable_progress_bar=False, enable_model_summary=False)
+    assert checker.validate(module, synthetic_loader(), verbose=False)[0]["val_mse"] == pytest.approx(last_val_mse)
+    assert module.configure_callbacks() == []
 
 
 def test_quantile_forecasts_never_cross():

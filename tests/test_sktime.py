@@ -256,6 +256,21 @@ def test_forecast_window_through_model_kwargs_fits_streams_and_forecasts() -> No
         small(model_kwargs={"forecast_window": 7}).fit(y, fh=FH)
 
 
+def test_ema_decay_through_model_kwargs_keeps_the_averaged_weights_validation_chose() -> None:
+    from datamodules.base import WindowDataset
+
+    y = sine(200)
+    f = small(max_epochs=3, validation_size=40, model_kwargs={"ema_decay": 0.5}).fit(y, fh=FH)
+    # Recompute the validation loss of the weights the fit kept: it is the best epoch's, which judged the average.
+    tail = ((y.to_numpy()[-40 - 24:, None] - f.scaler_mean_) / f.scaler_std_).astype(np.float32)
+    x, target = map(torch.stack, zip(*WindowDataset(tail, 24, 6)))
+    with torch.no_grad():
+        loss = (f.network_(x) - target).square().mean().item()
+    assert f.best_val_loss_ == pytest.approx(loss, rel=1e-5)
+    plain = small(max_epochs=3, validation_size=40).fit(y, fh=FH)
+    assert not same_weights(weights(f), weights(plain))
+
+
 def test_update_in_pieces_equals_update_at_once_and_ignores_seen_points(fitted) -> None:
     f0, y = fitted
     new = sine(100, start=str(y.index[-1] + pd.Timedelta(hours=1)), seed=4)
