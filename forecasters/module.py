@@ -7,6 +7,7 @@ from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
+from lightning.pytorch.callbacks import EMAWeightAveraging
 from torch import Tensor
 from torchmetrics import MeanAbsoluteError, MeanSquaredError
 
@@ -234,8 +235,6 @@ class TitansForecastingModule(pl.LightningModule):
         # Fit only: in validate/test/predict the average is already the weights, and the callback would warn on loading.
         if self.hparams.get("ema_decay") is None or self._trainer is None or self.trainer.state.fn != "fit":
             return []
-        from lightning.pytorch.callbacks import EMAWeightAveraging
-
         return [EMAWeightAveraging(decay=self.hparams.ema_decay)]
 
     def configure_optimizers(self) -> Any:
