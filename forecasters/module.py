@@ -206,6 +206,10 @@ class TitansForecastingModule(pl.LightningModule):
         resuming_fit = self._trainer is not None and self.trainer.state.fn == "fit"
         if resuming_fit and "rng_states" in checkpoint:
             restore_rng_states(checkpoint["rng_states"])
+        if not resuming_fit and self.hparams.get("ema_decay") is not None:
+            # The average is already the state_dict; the callback's state only resumes a fit, and outside fit the
+            # module adds no callback, so Lightning would warn that the checkpoint's EMAWeightAveraging is missing.
+            checkpoint.get("callbacks", {}).pop(EMAWeightAveraging.__qualname__, None)
 
     def _evaluate(self, batch: tuple[Tensor, ...], mse: MeanSquaredError, mae: MeanAbsoluteError, stage: str) -> None:
         x, y = batch[0], batch[1]

@@ -212,6 +212,22 @@ def test_ema_decay_validates_and_ends_with_the_moving_average_of_the_weights():
     assert module.configure_callbacks() == []
 
 
+def test_a_fit_with_ema_decay_resumes_from_its_checkpoint_as_if_never_stopped(tmp_path):
+    def run(epochs, ckpt_path=None, save=False):
+        pl.seed_everything(0)
+        module = make_module(ema_decay=0.7, lr_schedule="constant")
+        callbacks = [pl.callbacks.ModelCheckpoint(dirpath=tmp_path, save_last=True)] if save else []
+        trainer = pl.Trainer(max_epochs=epochs, logger=False, enable_checkpointing=save, enable_progress_bar=False,
+                             enable_model_summary=False, callbacks=callbacks)
+        trainer.fit(module, synthetic_loader(), synthetic_loader(), ckpt_path=ckpt_path)
+        return module.state_dict()
+
+    run(2, save=True)
+    resumed, straight = run(3, ckpt_path=tmp_path / "last.ckpt"), run(3)
+    for name in straight:
+        torch.testing.assert_close(resumed[name], straight[name], msg=name)
+
+
 def test_quantile_forecasts_never_cross():
     pl.seed_everything(0)
     module = make_module(loss="quantile", quantiles=(0.9, 0.1, 0.5, 0.25))
