@@ -203,13 +203,16 @@ class TitansForecastingModule(pl.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         check_checkpoint_fits(checkpoint, self.hparams, set(self.state_dict()))
-        resuming_fit = self._trainer is not None and self.trainer.state.fn == "fit"
-        if resuming_fit and "rng_states" in checkpoint:
+        if self._fitting() and "rng_states" in checkpoint:
             restore_rng_states(checkpoint["rng_states"])
-        if not resuming_fit and self.hparams.get("ema_decay") is not None:
+        if not self._fitting() and self.hparams.get("ema_decay") is not None:
             # The average is already the state_dict; the callback's state only resumes a fit, and outside fit the
             # module adds no callback, so Lightning would warn that the checkpoint's EMAWeightAveraging is missing.
             checkpoint.get("callbacks", {}).pop(EMAWeightAveraging.__qualname__, None)
+
+    def _fitting(self) -> bool:
+        """Whether a Trainer is running ``fit`` with this module (not validate/test/predict, not outside a Trainer)."""
+        return self._trainer is not None and self.trainer.state.fn == "fit"
 
     def _evaluate(self, batch: tuple[Tensor, ...], mse: MeanSquaredError, mae: MeanAbsoluteError, stage: str) -> None:
         x, y = batch[0], batch[1]
@@ -237,7 +240,7 @@ class TitansForecastingModule(pl.LightningModule):
 
     def configure_callbacks(self) -> list[pl.Callback]:
         # Fit only: in validate/test/predict the average is already the weights, and the callback would warn on loading.
-        if self.hparams.get("ema_decay") is None or self._trainer is None or self.trainer.state.fn != "fit":
+        if self.hparams.get("ema_decay") is None or not self._fitting():
             return []
         return [EMAWeightAveraging(decay=self.hparams.ema_decay)]
 
