@@ -346,9 +346,41 @@ def lookback_table(records: list[dict[str, Any]]) -> list[str]:
     for (dataset, model, horizon), by in cells.items():
         row = [f"{by[lb]['mse'][0]:.3f} / {by[lb]['mae'][0]:.3f} ({by[lb]['val_mse']:.3f}; seeds "
                f"{','.join(map(str, by[lb]['seeds']))})" if lb in by else "—" for lb in lookbacks]
-        pick = min(by, key=lambda lb: by[lb]["val_mse"])
+        pick = validation_pick(by)
         row.append(f"L={pick}: {by[pick]['mse'][0]:.3f}")
         lines.append(f"| {dataset.upper()} | {model} | {horizon} | " + " | ".join(row) + " |")
+    return lines + lookback_averages(records, sorted({(dataset, model) for dataset, model, _ in cells}), lookbacks)
+
+
+def validation_pick(by: dict[int, dict[str, Any]]) -> int:
+    """The lookback with the lowest mean best validation MSE among `by`'s (lookback -> summary entry)."""
+    return min(by, key=lambda lookback: by[lookback]["val_mse"])
+
+
+def lookback_averages(records: list[dict[str, Any]], pairs: list[tuple[str, str]], lookbacks: list[int]) -> list[str]:
+    """Markdown: each (dataset, model) pair's 4-horizon average test MSE at each lookback, and with the
+    lookback validation picks per horizon: the figure a user choosing L on validation gets. That pick
+    counts only once every lookback has run at every horizon."""
+    summary = summarise(records)
+    lines = ["", "### Lookback study: 4-horizon average test MSE, mean over the seeds run", "",
+             "| dataset | model | " + " | ".join(f"L={lookback}" for lookback in lookbacks)
+             + " | L picked per horizon on validation |",
+             "| --- | --- | " + " | ".join("---" for _ in lookbacks) + " | --- |"]
+
+    def average(entries: list[dict[str, Any]]) -> str:
+        return f"{statistics.fmean(e['mse'][0] for e in entries):.3f}" if len(entries) == len(HORIZONS) else "incomplete"
+
+    for dataset, model in pairs:
+        by_horizon = [{lookback: summary[key] for lookback in lookbacks
+                       if (key := (dataset, model, lookback, horizon)) in summary} for horizon in HORIZONS]
+        row = [average([by[lookback] for by in by_horizon if lookback in by]) for lookback in lookbacks]
+        if all(len(by) == len(lookbacks) for by in by_horizon):
+            picks = [validation_pick(by) for by in by_horizon]
+            row.append(average([by[pick] for by, pick in zip(by_horizon, picks)])
+                       + f" ({', '.join(f'L={pick}' for pick in picks)})")
+        else:
+            row.append("incomplete")
+        lines.append(f"| {dataset.upper()} | {model} | " + " | ".join(row) + " |")
     return lines
 
 

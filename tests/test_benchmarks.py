@@ -231,6 +231,23 @@ def test_accuracy_lookback_study_table_and_plot(tmp_path):
     assert not any("| lmm |" in line for line in lines)  # one lookback only: not part of the study
     assert accuracy.plot_lookback(records, tmp_path / "lookback.png") and (tmp_path / "lookback.png").exists()
     assert accuracy.lookback_table(records[-1:]) == [] and not accuracy.plot_lookback(records[-1:], tmp_path / "none.png")
+    assert "| ETTH1 | mal | incomplete | incomplete | incomplete | incomplete |" in lines  # H=96 alone: no average
+
+
+def test_accuracy_lookback_averages_follow_validation_per_horizon():
+    accuracy = load_benchmark("accuracy")
+
+    def record(lookback, horizon, mse, val):
+        return {"dataset": "etth2", "model": "mal", "lookback": lookback, "horizon": horizon, "seed": 0,
+                "test_mse": mse, "test_mae": mse, "best_val_mse": val, "epoch_seconds": 1.0}
+
+    # L=336 tests better at every horizon; validation picks it at H=96 and 192 only
+    records = [record(96, h, 0.40, 1.0) for h in accuracy.HORIZONS] + [
+        record(336, h, 0.30, 0.9 if h < 336 else 1.1) for h in accuracy.HORIZONS]
+    lines = accuracy.lookback_table(records)
+    assert "| ETTH2 | mal | 0.400 | 0.300 | 0.350 (L=336, L=336, L=96, L=96) |" in lines
+    partial = [r for r in records if (r["lookback"], r["horizon"]) != (336, 720)]
+    assert "| ETTH2 | mal | 0.400 | incomplete | incomplete |" in accuracy.lookback_table(partial)
 
 
 def test_allocator_quick(tmp_path):
