@@ -333,8 +333,9 @@ def by_lookback(records: list[dict[str, Any]]) -> dict[tuple, dict[int, dict[str
 
 def lookback_table(records: list[dict[str, Any]]) -> list[str]:
     """Markdown: test MSE / MAE and validation MSE against the lookback, side by side (the lookback study),
-    and the lookback that validation picks with its test MSE. Every lookback forecasts the same val and
-    test rows (the windows reach back into the previous split), so their validation MSEs compare."""
+    and the lookback that validation picks with its test MSE, then `lookback_averages`. Every lookback
+    forecasts the same val and test rows (the windows reach back into the previous split), so their
+    validation MSEs compare."""
     cells = by_lookback(records)
     if not cells:
         return []
