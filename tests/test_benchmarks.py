@@ -272,9 +272,9 @@ def test_accuracy_config_value_follows_references_at_any_commit():
     # a config added after a commit reads as first committed (a run made before its model's config landed)
     first = subprocess.run(["git", "log", "--format=%h", "--reverse"], cwd=ROOT, capture_output=True, text=True).stdout.split()[0]
     assert accuracy.config_value("etth1", "mal", "model.variant", accuracy.git_reader(first)) == "mal"
-    with pytest.raises(KeyError, match=r"model.no_such_key is not spelled out in configs/model/mal.yaml \(reached from "
-                       r"configs/etth1/mal.yaml\), and TitansForecastingModule has no argument 'no_such_key'"):
-        accuracy.config_value("etth1", "mal", "model.no_such_key")
+    with pytest.raises(KeyError, match=r"model.no_such_key is not spelled out in configs/model/lmm.yaml \(reached from "
+                       r"configs/etth1/lmm.yaml\), and TitansForecastingModule has no argument 'no_such_key'"):
+        accuracy.config_value("etth1", "lmm", "model.no_such_key")
     # a module argument the config leaves out runs at the module's default, at that commit if it had the
     # argument (max_lr: there from the first commit), else today's (linear_skip came later, off by default)
     assert accuracy.config_value("etth1", "mal", "model.max_lr", accuracy.git_reader(first)) == 0.1
@@ -447,11 +447,12 @@ def test_accuracy_config_spelling_out_a_default_is_no_difference():
     def reader(model_yaml):
         return lambda rel: model_yaml if rel == "configs/model/mal.yaml" else (ROOT / rel).read_text()
 
+    # ETTm1's config reads the shared model file (ETTh1's and ETTh2's spell out their own model sections)
     left_out = shipped.replace("linear_skip: false", "")
-    now = accuracy.resolved_config("etth1", "mal")
-    assert accuracy.config_differences(accuracy.resolved_config("etth1", "mal", reader(left_out)), now) == []
+    now = accuracy.resolved_config("ettm1", "mal")
+    assert accuracy.config_differences(accuracy.resolved_config("ettm1", "mal", reader(left_out)), now) == []
     other = shipped.replace("linear_skip: false", "linear_skip: true")
-    assert accuracy.config_differences(accuracy.resolved_config("etth1", "mal", reader(other)), now) == ["model.linear_skip"]
+    assert accuracy.config_differences(accuracy.resolved_config("ettm1", "mal", reader(other)), now) == ["model.linear_skip"]
 
 
 def test_windows_read_quick_scores_the_read_training_used_as_the_model_does(tmp_path):
