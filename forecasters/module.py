@@ -244,8 +244,19 @@ class TitansForecastingModule(pl.LightningModule):
             return []
         return [EMAWeightAveraging(decay=self.hparams.ema_decay)]
 
+    def parameter_groups(self) -> list[dict[str, Any]]:
+        """AdamW's groups: weight decay on the matrices only (as in nanoGPT and most transformer recipes).
+
+        Decaying the vectors would pull norm gains and RevIN's affine scale toward 0 and the memory's
+        gate biases toward 0 (a forget rate of sigmoid(0) = 50% a token instead of ``forget_bias``'s).
+        """
+        matrices = [p for p in self.parameters() if p.requires_grad and p.ndim >= 2]
+        vectors = [p for p in self.parameters() if p.requires_grad and p.ndim < 2]
+        return [{"params": matrices, "weight_decay": self.hparams.weight_decay},
+                {"params": vectors, "weight_decay": 0.0}]
+
     def configure_optimizers(self) -> Any:
-        optimizer = torch.optim.AdamW(self.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
+        optimizer = torch.optim.AdamW(self.parameter_groups(), lr=self.hparams.lr)
         schedule = self.hparams.lr_schedule
         if schedule == "halving":
             # The long-horizon literature's harness (Time-Series-Library's "type1"): half the rate after every epoch.

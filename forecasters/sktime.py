@@ -121,7 +121,8 @@ class TitansForecaster(BaseForecaster):
         AdamW learning rate (cosine-annealed over ``max_epochs`` by default; ``model_kwargs``
         ``lr_schedule="halving"`` halves it after every epoch, ``"constant"`` keeps it).
     weight_decay : float, default=1e-4
-        AdamW weight decay.
+        AdamW weight decay, on the weight matrices only (not on biases, norm gains, RevIN's affine
+        parameters or the memory's gate biases).
     validation_size : float or int, default=0.2
         Tail of each instance held out for early stopping: a fraction of its length (float in
         [0, 1); at least H values) or a number of values (int, 0 or >= H). 0 disables validation

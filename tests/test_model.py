@@ -182,6 +182,23 @@ def test_lr_schedule_sets_the_rate_of_each_epoch(schedule, expected_factors):
     assert rates == pytest.approx([3e-3 * f for f in expected_factors])
 
 
+@pytest.mark.parametrize("variant", ["mac", "mag", "mal", "lmm"])
+def test_weight_decay_shrinks_the_matrices_and_leaves_biases_norms_and_gates_alone(variant):
+    module = make_module(variant=variant, lr=0.1, weight_decay=0.5, lr_schedule="constant")
+    optimizer = module.configure_optimizers()
+    before = {name: p.detach().clone() for name, p in module.named_parameters()}
+    for p in module.parameters():
+        p.grad = torch.zeros_like(p)  # no gradient: AdamW's step is the decay alone
+    optimizer.step()
+    grouped = [p for group in optimizer.param_groups for p in group["params"]]
+    assert len(grouped) == len(before) == len({id(p) for p in grouped})  # every parameter, once
+    for name, p in module.named_parameters():
+        expected = before[name] * (1 - 0.1 * 0.5) if p.ndim >= 2 else before[name]
+        torch.testing.assert_close(p.detach(), expected, msg=name)
+    gate_biases = [name for name, p in module.named_parameters() if "to_gates.bias" in name]
+    assert gate_biases and all(module.get_parameter(name).ndim == 1 for name in gate_biases)
+
+
 def test_the_old_cosine_schedule_switch_still_loads_as_lr_schedule():
     with pytest.warns(DeprecationWarning, match="lr_schedule"):
         module = make_module(cosine_schedule=False)
