@@ -534,6 +534,8 @@ def study_comparison(study: list[dict[str, Any]], base: list[dict[str, Any]]) ->
     if not pairs:
         return ["No cell of this study is in the baseline file yet."]
     settings = ", ".join(f"{k}={v}" for k, v in study[0].get("overrides", {}).items()) or "the shipped configs"
+    if "prototype" in study[0]:  # a script that changes the network around this harness (its records name it)
+        settings += f" with {study[0]['prototype']}"
     lines = [f"### Against the baseline file: {settings} (study) vs as there (base), same cells", "",
              "| dataset | model | L | H | seed | val MSE base | val MSE study | test MSE / MAE base | test MSE / MAE study "
              "| epochs (base, study) |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]

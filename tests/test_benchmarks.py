@@ -532,3 +532,48 @@ def test_ema_checkpoints_quick_scores_the_average_and_the_raw_weights_of_one_ste
     with torch.no_grad():
         errors = [(module(x) - y).square() for x, y, *_ in itertools.islice(dm.test_dataloader(), 2)]
     assert raw["test_mse"] == pytest.approx(float(torch.cat(errors).mean()), rel=1e-4)
+
+
+def test_cycle_prototype_quick_adds_the_cycle_to_every_network(tmp_path):
+    data, out = synthetic_etth1(tmp_path / "data"), tmp_path / "cycle.json"
+    common = ("--data_dir", str(data), "--workdir", str(tmp_path / "work"), "--tracking_uri",
+              f"sqlite:///{tmp_path / 'mlflow.db'}", "--set", "data.time_features=true")
+    run_script("cycle_prototype.py", *common, "--out", str(out))
+    run_script("accuracy.py", *common, "--out", str(tmp_path / "plain.json"))
+    cycle, plain = ({r["model"]: r for r in json.loads(path.read_text())} for path in (out, tmp_path / "plain.json"))
+    for model in ("mac", "dlinear"):
+        assert cycle[model]["n_params"] == plain[model]["n_params"] + 24 * 7  # one profile of 24 hours per channel
+        assert cycle[model]["cycle_len"] == 24 and math.isfinite(cycle[model]["test_mse"])
+        assert cycle[model]["test_mse"] != plain[model]["test_mse"]
+    # the comparison names the script that made the study's runs, not only their --set
+    subprocess.run([sys.executable, str(ROOT / "benchmarks" / "accuracy.py"), "--summary_only", "--out", str(out),
+                    "--baseline", str(tmp_path / "plain.json")], check=True, cwd=ROOT, timeout=600)
+    summary = (tmp_path / "cycle_summary.md").read_text()
+    assert "data.time_features=true with benchmarks/cycle_prototype.py, CYCLE_LEN=24 (study)" in summary
+
+
+def test_cycle_prototype_takes_out_the_profile_at_each_steps_hour_and_puts_it_back_after():
+    import pandas as pd
+    import torch
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from cycle_prototype import CycleRevIN, phase_of
+
+    from datamodules.time_features import time_features
+
+    lookback, horizon, hours = 96, 48, torch.arange(300)
+    series = torch.stack([torch.sin(2 * torch.pi * hours / 24 + c) for c in range(3)], dim=1)  # [300, 3], period 24
+    revin = CycleRevIN(3, lookback)
+    windows = torch.stack([series[s : s + lookback] for s in (0, 5, 17)])
+    # the hour of each window's first step, read back from the calendar features as the steps do
+    marks = torch.from_numpy(time_features(pd.date_range("2016-07-01", periods=300, freq="h"), "h"))
+    revin.phase = phase_of(torch.stack([marks[s : s + lookback] for s in (0, 5, 17)]))
+    assert revin.phase.tolist() == [0, 5, 17]
+    with torch.no_grad():
+        normalised, mean, std = super(CycleRevIN, revin).normalize(windows)
+        revin.cycle.copy_(normalised[0, :24])  # the normalised profile of the first day
+        residual, mean, std = revin.normalize(windows)
+        forecast = revin.denormalize(torch.zeros(3, horizon, 3, 1), mean, std, slice(None))[..., 0]
+    assert residual.abs().max() < 1e-4  # a purely periodic window leaves nothing for the backbone
+    future = torch.stack([series[s + lookback : s + lookback + horizon] for s in (0, 5, 17)])
+    torch.testing.assert_close(forecast, future, atol=1e-4, rtol=0)  # the cycle continues at the right hour
