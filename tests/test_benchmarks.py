@@ -556,10 +556,10 @@ def test_cycle_prototype_takes_out_the_profile_at_each_steps_hour_and_puts_it_ba
     import pandas as pd
     import torch
 
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    from cycle_prototype import CycleRevIN, phase_of
-
     from datamodules.time_features import time_features
+
+    prototype = load_benchmark("cycle_prototype")
+    CycleRevIN, phase_of = prototype.CycleRevIN, prototype.phase_of
 
     lookback, horizon, hours = 96, 48, torch.arange(300)
     series = torch.stack([torch.sin(2 * torch.pi * hours / 24 + c) for c in range(3)], dim=1)  # [300, 3], period 24
