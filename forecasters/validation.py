@@ -47,6 +47,7 @@ _OPTIONAL_INTS = ("recompute_chunks", "forecast_window")
 _FLOATS: dict[str, tuple[float, float, tuple[bool, bool], str]] = {
     "lr": (0.0, math.inf, (False, False), "the AdamW learning rate; e.g. 1e-3"),
     "weight_decay": (0.0, math.inf, (True, False), "the AdamW weight decay; e.g. 1e-4 (0 = none)"),
+    "linear_skip_lr": (0.0, math.inf, (False, False), "the linear skip's own AdamW rate; e.g. 1e-3 (None = lr)"),
     "max_lr": (0.0, math.inf, (False, False), "the memory's largest inner learning rate; e.g. 0.1"),
     "forget_bias": (-math.inf, math.inf, (False, False),
                     "the memory's initial forgetting-gate logit; e.g. -6.0 (0.25% per token), -3.0 to forget faster"),
@@ -58,7 +59,7 @@ _FLOATS: dict[str, tuple[float, float, tuple[bool, bool], str]] = {
 }
 
 #: Float hyperparameters for which None means "off".
-_OPTIONAL_FLOATS = ("max_grad_norm", "ema_decay")
+_OPTIONAL_FLOATS = ("max_grad_norm", "ema_decay", "linear_skip_lr")
 
 #: Switches: (what True does). YAML's `yes`/`true` arrive as bools; a string such as "false" would be truthy.
 _BOOLS: dict[str, str] = {
@@ -156,6 +157,9 @@ def _check_relations(hparams: Mapping[str, Any]) -> None:
         what = "forecast_window" if window is not None else "lookback"
         raise ValueError(f"patch_len ({patch_len}) must not exceed {what} ({seen}); use a shorter patch "
                          f"or a longer {what}")
+    if hparams.get("linear_skip_lr") is not None and not hparams.get("linear_skip", False):
+        raise ValueError(f"linear_skip_lr ({hparams['linear_skip_lr']}) is the rate of the linear skip, which is off; "
+                         "pass linear_skip=True as well, or leave linear_skip_lr=None")
     n_targets, n_channels = hparams.get("n_targets"), hparams.get("n_channels")
     if n_targets is not None:
         check_int("n_targets", n_targets, 1, "the number of forecast channels (the last ones of the input)")

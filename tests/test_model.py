@@ -123,6 +123,8 @@ def test_wrong_window_shape_is_named():
         (dict(forecast_window=8, patch_len=16), "must not exceed forecast_window"),
         (dict(lr_schedule="step"), "lr_schedule must be 'cosine'"),
         (dict(ema_decay=1.0), r"ema_decay must be a number in \(0, 1\)"),
+        (dict(linear_skip_lr=1e-3), "linear skip, which is off; pass linear_skip=True"),
+        (dict(linear_skip=True, linear_skip_lr=0.0), "linear_skip_lr must be positive"),
     ],
 )
 def test_bad_module_arguments(kwargs, message):
@@ -197,6 +199,24 @@ def test_weight_decay_shrinks_the_matrices_and_leaves_biases_norms_and_gates_alo
         torch.testing.assert_close(p.detach(), expected, msg=name)
     gate_biases = [name for name, p in module.named_parameters() if "to_gates.bias" in name]
     assert gate_biases and all(module.get_parameter(name).ndim == 1 for name in gate_biases)
+
+
+@pytest.mark.parametrize("variant", ["mac", "lmm"])
+def test_linear_skip_lr_moves_the_skip_at_its_own_rate_and_the_rest_at_lr(variant):
+    module = make_module(variant=variant, linear_skip=True, lr=1e-4, linear_skip_lr=1e-2, weight_decay=0.0,
+                         lr_schedule="constant")
+    optimizer = module.configure_optimizers()
+    before = {name: p.detach().clone() for name, p in module.named_parameters()}
+    for p in module.parameters():
+        p.grad = torch.ones_like(p)  # Adam's first step moves every weight by its group's rate
+    optimizer.step()
+    grouped = [p for group in optimizer.param_groups for p in group["params"]]
+    assert len(grouped) == len(before) == len({id(p) for p in grouped})  # every parameter, once
+    for name, p in module.named_parameters():
+        rate = 1e-2 if name.startswith("model.linear_skip.") else 1e-4
+        torch.testing.assert_close(before[name] - p.detach(), torch.full_like(p, rate), msg=name)
+    # without it, the skip trains at lr with everything else
+    assert {g["lr"] for g in make_module(variant=variant, linear_skip=True).configure_optimizers().param_groups} == {3e-3}
 
 
 def test_the_old_cosine_schedule_switch_still_loads_as_lr_schedule():
