@@ -271,6 +271,15 @@ def test_ema_decay_through_model_kwargs_keeps_the_averaged_weights_validation_ch
     assert not same_weights(weights(f), weights(plain))
 
 
+def test_linear_skip_lr_through_model_kwargs_reaches_the_optimizer_and_is_checked() -> None:
+    y = sine(200)
+    f = small(max_epochs=1, model_kwargs={"linear_skip": True, "linear_skip_lr": 5e-3}).fit(y, fh=FH)
+    rates = {g["lr"] for g in f.network_.configure_optimizers().param_groups}  # the fit is over: no schedule
+    assert rates == {f.lr, 5e-3}
+    with pytest.raises(ValueError, match="pass linear_skip=True"):
+        small(model_kwargs={"linear_skip_lr": 5e-3}).fit(y, fh=FH)
+
+
 def test_update_in_pieces_equals_update_at_once_and_ignores_seen_points(fitted) -> None:
     f0, y = fitted
     new = sine(100, start=str(y.index[-1] + pd.Timedelta(hours=1)), seed=4)
