@@ -445,6 +445,46 @@ def validation_agreement(records: list[dict[str, Any]]) -> list[str]:
     return lines
 
 
+def pooled_records(paths: list[Path]) -> list[dict[str, Any]]:
+    """Every full run in ``paths`` (the grid and study files) once: a run adopted into the grid is also in
+    its study's file, so runs are told apart by their MLflow run id. ``--quick`` smoke runs are left out."""
+    pooled: dict[Any, dict[str, Any]] = {}
+    for path in paths:
+        records = load_records(path)
+        if not isinstance(records, list) or not all(isinstance(r, dict) and "best_val_mse" in r for r in records):
+            print(f"skipped {path}: not a file of accuracy records (e.g. a windows_read.py result)", file=sys.stderr)
+            continue
+        for r in records:
+            if not r.get("quick"):
+                pooled.setdefault(r.get("mlflow_run_id") or (astuple(Cell.of(r)), r["best_val_mse"], r["test_mse"]), r)
+    return list(pooled.values())
+
+
+def validation_agreement_by_model(records: list[dict[str, Any]], min_runs: int = 5) -> list[str]:
+    """Markdown: per dataset, horizon and model at L=96, Spearman's rank correlation of best val MSE and test
+    MSE over all of that model's runs (every setting and seed tried). This is the question a choice made on
+    validation answers for one model: do its runs with lower val MSE test lower? Cells with fewer than
+    ``min_runs`` runs are left blank."""
+    cells: dict[tuple, list[dict[str, Any]]] = defaultdict(list)
+    for r in records:
+        if r["lookback"] == 96:
+            cells[(r["dataset"], r["horizon"], r["model"])].append(r)
+    models = [m for m in MODELS if any(key[2] == m for key in cells)]
+    if not models:
+        return []
+    lines = ["### How well validation ranks test within each model (L=96, every setting and seed run)", "",
+             "Spearman rank correlation of best val MSE and test MSE (runs).", "",
+             "| dataset | H | " + " | ".join(models) + " |", "| --- | --- |" + " --- |" * len(models)]
+    for dataset, horizon in sorted({key[:2] for key in cells}):
+        row = []
+        for model in models:
+            rs = cells.get((dataset, horizon, model), [])
+            rho = rank_correlation([r["best_val_mse"] for r in rs], [r["test_mse"] for r in rs])
+            row.append(f"{rho:+.2f} ({len(rs)})" if len(rs) >= min_runs and not math.isnan(rho) else f"– ({len(rs)})")
+        lines.append(f"| {dataset.upper()} | {horizon} | " + " | ".join(row) + " |")
+    return lines
+
+
 def target_verdicts(records: list[dict[str, Any]]) -> list[str]:
     """The targets, judged on 4-horizon average test MSE at L=96 (means over seeds): the best variant
     (chosen on validation) at or below the Titans paper, and every variant below the linear baseline."""
@@ -779,6 +819,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="a `titans-ts fit` override for every run (e.g. model.lr=0.0001); needs its own --out")
     parser.add_argument("--baseline", type=Path, nargs="+", default=None, metavar="FILE",
                         help="for a study: compare its runs with these files' runs of the same cells in the summary")
+    parser.add_argument("--agreement", type=Path, nargs="+", default=None, metavar="FILE",
+                        help="rank val against test within each model over every run in FILEs (the grid and the "
+                             "studies); writes validation_agreement.md beside --out")
     parser.add_argument("--adopt", type=Path, default=None, metavar="STUDY",
                         help="move STUDY's runs (of --datasets, --models) into --out, once the configs hold its settings; "
                              "--out's runs with the old settings move to a study file of their own")
@@ -828,6 +871,11 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     if args.adopt:
         adopt(args.adopt.resolve(), args.out, args.datasets, args.models)
+        return
+    if args.agreement:
+        table = "\n".join(validation_agreement_by_model(pooled_records(args.agreement))) + "\n"
+        args.out.with_name("validation_agreement.md").write_text(table)
+        print(table)
         return
     records = load_records(args.out)
     if args.summary_only:

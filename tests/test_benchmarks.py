@@ -321,6 +321,23 @@ def test_accuracy_validation_agreement_ranks_runs():
     assert accuracy.validation_agreement([]) == []
 
 
+def test_accuracy_agreement_pools_every_run_once_and_ranks_within_each_model(tmp_path, capsys):
+    accuracy = load_benchmark("accuracy")
+    # MAG: lower val tests higher at H=720 over its settings; MAC: lower val tests lower
+    mag = [{**grid_record("mag", 720, 0, v, {"model.dropout": d}), "test_mse": t, "mlflow_run_id": f"mag{d}"}
+           for d, v, t in [(0.1, 1.55, 0.55), (0.2, 1.56, 0.50), (0.3, 1.57, 0.49), (0.4, 1.58, 0.48), (0.5, 1.59, 0.47)]]
+    mac = [{**grid_record("mac", 720, s, 1.5 + s / 100), "mlflow_run_id": f"mac{s}"} for s in range(5)]
+    grid, study = tmp_path / "accuracy.json", tmp_path / "study.json"
+    accuracy.save_records(mag[:1] + mac, grid)  # the grid holds MAG's adopted run, which its study file also holds
+    accuracy.save_records(mag + [{**mac[0], "quick": True, "mlflow_run_id": "smoke"}], study)
+    (tmp_path / "windows_read.json").write_text('{"runs": []}')
+    accuracy.main(["--agreement", str(grid), str(study), str(tmp_path / "windows_read.json"), "--out", str(grid)])
+    table = (tmp_path / "validation_agreement.md").read_text()
+    assert "| dataset | H | mac | mag |" in table and "| ETTH1 | 720 | +1.00 (5) | -1.00 (5) |" in table
+    assert "windows_read.json: not a file of accuracy records" in capsys.readouterr().err
+    assert "– (4)" in "\n".join(accuracy.validation_agreement_by_model(mac[:4]))  # too few runs to rank
+
+
 def test_accuracy_study_comparison_puts_validation_first():
     accuracy = load_benchmark("accuracy")
     study = [grid_record("lmm", 96, 0, 0.69, {"model.lr": "0.0001"}), grid_record("lmm", 336, 0, 1.31, {"model.lr": "0.0001"}),
