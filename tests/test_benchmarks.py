@@ -294,7 +294,7 @@ def test_accuracy_config_value_agrees_with_the_cli(capsys):
             with pytest.raises(SystemExit):
                 main(["fit", "--config", str(ROOT / "configs" / dataset / f"{model}.yaml"), "--print_config"])
             printed = yaml.safe_load(capsys.readouterr().out)
-            for key in ("variant", "dim", "lr", "dropout", "weight_decay", "memory_depth"):
+            for key in ("variant", "dim", "lr", "dropout", "weight_decay", "memory_depth", "linear_skip_lr"):
                 assert accuracy.config_value(dataset, model, f"model.{key}") == printed["model"][key], (dataset, model, key)
 
 
