@@ -463,8 +463,8 @@ def pooled_records(paths: list[Path]) -> list[dict[str, Any]]:
 def validation_agreement_by_model(records: list[dict[str, Any]], min_runs: int = 5) -> list[str]:
     """Markdown: per dataset, horizon and model at L=96, Spearman's rank correlation of best val MSE and test
     MSE over all of that model's runs (every setting and seed tried). This is the question a choice made on
-    validation answers for one model: do its runs with lower val MSE test lower? Cells with fewer than
-    ``min_runs`` runs are left blank."""
+    validation answers for one model: do its runs with lower val MSE test lower? A cell with fewer than
+    ``min_runs`` runs shows only its count."""
     cells: dict[tuple, list[dict[str, Any]]] = defaultdict(list)
     for r in records:
         if r["lookback"] == 96:

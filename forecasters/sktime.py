@@ -110,8 +110,8 @@ class TitansForecaster(BaseForecaster):
     model_kwargs : dict or None, default=None
         Further arguments of ``TitansForecastingModule`` (e.g. ``window``, ``segment_len``,
         ``n_persistent``, ``max_lr``, ``revin``, ``linear_skip`` and its own rate ``linear_skip_lr``,
-        ``lr_schedule``; ``forecast_window``
-        to let the memory read all ``lookback`` values while the head sees the last ones; ``forget_bias``
+        ``lr_schedule``; ``forecast_window`` to let the memory read all ``lookback`` values while
+        the head sees the last ones; ``forget_bias``
         for a memory that forgets faster, so a state carried over many windows settles; ``ema_decay``,
         e.g. 0.998, to train, validate and keep a moving average of the weights).
     max_epochs : int, default=20
